@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: the official released layout and the library's own layout."""

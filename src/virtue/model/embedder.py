@@ -1,0 +1,268 @@
+"""`VirtueModel`: (image, visual prompt, text) -> one L2-normalised vector."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from virtue.config import CompatConfig, VirtueConfig
+from virtue.errors import InputError
+from virtue.inputs import EmbedInput, parse_input
+from virtue.model.backbone import build_qwen, last_hidden, pack_rows
+from virtue.model.connector import Connector
+from virtue.model.feature_cache import FeatureCache, ImageFeatures
+from virtue.model.sam_branch import SamBranch
+from virtue.processing.batch import LoadedImage, VirtueProcessor
+
+logger = logging.getLogger(__name__)
+
+
+class VirtueModel(nn.Module):
+    """Qwen2-VL + frozen SAM2.1 region branch + connector (virtue-spec §0-2).
+
+    Build from a config (random weights) or with `from_pretrained`; embed with `encode`.
+    """
+
+    def __init__(self, config: VirtueConfig, tokenizer, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.config = config
+        self.qwen = build_qwen(config.backbone, attn_implementation)
+        self.sam: SamBranch | None = None
+        self.connector: Connector | None = None
+        if config.sam.enabled:
+            self.sam = SamBranch(config.sam.sam2, attn_implementation)
+            self.connector = Connector(config.sam.dim, config.hidden_size, config.sam.reducer_kernel)
+        self.processor = VirtueProcessor(config, tokenizer)
+
+    # ----------------------------------------------------------------- loading and saving
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        sam_checkpoint: str | Path | None = None,
+        compat: CompatConfig | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        attn_implementation: str = "sdpa",
+        allow_hub: bool = True,
+    ) -> VirtueModel:
+        """Load the official released layout (e.g. "Sony/VIRTUE-2B-SCaR") or the library layout.
+
+        Args:
+            name_or_path: a local directory or a hub repo id.
+            sam_checkpoint: SAM2.1 weights (Meta `.pt` or a transformers Sam2 folder) for official
+                checkpoints, which do not ship them; else found in the directory, then on the hub.
+            compat: override the stored compatibility setting (official layout: `CompatConfig.official()`).
+            dtype: weights dtype; float32 reproduces the official fp32 embeddings, bfloat16 for GPU speed.
+        Raises:
+            CheckpointError (and subclasses) naming the file and what is wrong.
+        """
+        from virtue.checkpoints.loading import read_checkpoint
+
+        ckpt = read_checkpoint(name_or_path, sam_checkpoint=sam_checkpoint, allow_hub=allow_hub)
+        config = ckpt.config if compat is None else ckpt.config.replace(compat=compat)
+        model = cls(config, ckpt.tokenizer, attn_implementation)
+        model.load_weights(ckpt.state_dict, source=ckpt.source)
+        model.to(device=device, dtype=dtype).eval()
+        return model
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        """Strict load with shapes checked; names every missing, unexpected or mis-shaped key."""
+        from virtue.checkpoints.native import check_state_dict
+
+        check_state_dict(self.state_dict(), state_dict, source)
+        self.load_state_dict(state_dict, strict=True)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write the library layout: config.json, model.safetensors, tokenizer files."""
+        from virtue.checkpoints.native import save_native
+
+        save_native(path, self.config, self.state_dict(), self.processor.tokenizer)
+
+    # ----------------------------------------------------------------- forward
+    @property
+    def device(self) -> torch.device:
+        return next(self.qwen.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.qwen.parameters()).dtype
+
+    def forward(
+        self,
+        items: Sequence[EmbedInput],
+        *,
+        indices: Sequence[int] | None = None,
+        cache: FeatureCache | None = None,
+        image_resize: tuple[int, int] | None = None,
+        normalize: bool = True,
+    ) -> torch.Tensor:
+        """Embed one batch of parsed inputs -> [B, hidden] (differentiable where weights train).
+
+        All rows must be of one modality (all with images or all text-only); `encode` arranges that.
+        """
+        indices = list(range(len(items))) if indices is None else list(indices)
+        kinds = {item.has_image for item in items}
+        if len(kinds) != 1:
+            raise InputError("forward: a batch must be all image rows or all text rows; use encode() to mix")
+        if kinds == {True}:
+            pooled = self._embed_image_rows(items, indices, cache, image_resize)
+        else:
+            pooled = self._embed_text_rows(items, indices)
+        return F.normalize(pooled.float(), dim=-1) if normalize else pooled
+
+    def _embed_text_rows(self, items: Sequence[EmbedInput], indices: Sequence[int]) -> torch.Tensor:
+        proc = self.processor
+        embed = self.qwen.language_model.embed_tokens
+        rows = []
+        for item, i in zip(items, indices, strict=True):
+            ids = proc.token_ids(proc.text(item, f"input {i}"))
+            rows.append(embed(torch.tensor(ids, device=self.device)))
+        return last_hidden(self.qwen, *pack_rows(rows, None))
+
+    def _embed_image_rows(
+        self,
+        items: Sequence[EmbedInput],
+        indices: Sequence[int],
+        cache: FeatureCache | None,
+        image_resize: tuple[int, int] | None,
+    ) -> torch.Tensor:
+        proc = self.processor
+        loaded = [proc.load(item, f"input {i}", image_resize) for item, i in zip(items, indices, strict=True)]
+        if cache is None:
+            # Without a cache every row computes its own image features (the reference for benchmarks).
+            keys = [(row, *img.key) for row, img in enumerate(loaded)]
+            cache = FeatureCache(len(loaded))
+        else:
+            keys = [img.key for img in loaded]
+        features = self._image_features(loaded, keys, cache)
+        embed = self.qwen.language_model.embed_tokens
+        rows = []
+        for item, i, feats in zip(items, indices, features, strict=True):
+            ids = proc.image_row_ids(proc.text(item, f"input {i}"), feats.num_tokens)
+            ids_t = torch.tensor(ids, device=self.device)
+            row = embed(ids_t)
+            row = row.masked_scatter((ids_t == proc.image_token_id)[:, None], feats.vision.to(row.dtype))
+            rows.append(row)
+        prefix = None
+        if self.sam is not None:
+            prompts = [
+                proc.sam_prompt(item, feats.size_wh, self.sam.mask_input_size)
+                for item, feats in zip(items, features, strict=True)
+            ]
+            fused = self.sam.fuse(torch.stack([f.sam for f in features]), prompts)  # [B, C, 64, 64]
+            prefix = self.connector(fused.to(self.connector.reducer.weight.dtype))  # [B, T, D]
+            prefix = prefix.to(rows[0].dtype)
+        return last_hidden(self.qwen, *pack_rows(rows, prefix))
+
+    def _image_features(
+        self, loaded: list[LoadedImage], keys: list[tuple], cache: FeatureCache
+    ) -> list[ImageFeatures]:
+        """Features for every row; images missing from the cache are computed together, once each."""
+        todo: dict[tuple, LoadedImage] = {}
+        for key, img in zip(keys, loaded, strict=True):
+            if key not in todo and cache.get(key) is None:
+                todo[key] = img
+        if todo:
+            prepared = [self.processor.prepare_image(img) for img in todo.values()]
+            with torch.no_grad():  # the ViT and SAM2 are frozen
+                vision = self._vision_tower(prepared)
+                sam = None
+                if self.sam is not None:
+                    pixels = torch.stack([p.sam_pixels for p in prepared])
+                    sam = self.sam.encode_images(pixels.to(self.device, self._sam_dtype()))
+            for n, (key, img) in enumerate(todo.items()):
+                cache.put(key, ImageFeatures(vision[n], None if sam is None else sam[n], img.size_wh))
+        return [self._cached(cache, key) for key in keys]
+
+    @staticmethod
+    def _cached(cache: FeatureCache, key: tuple) -> ImageFeatures:
+        item = cache.get(key)
+        if item is None:  # capacity smaller than one batch's distinct images
+            raise RuntimeError("feature cache capacity is below the number of distinct images in a batch")
+        return item
+
+    def _sam_dtype(self) -> torch.dtype:
+        return next(self.sam.parameters()).dtype
+
+    def _vision_tower(self, prepared) -> list[torch.Tensor]:
+        visual = self.qwen.visual
+        pixels = torch.cat([p.qwen.pixel_values for p in prepared]).to(self.device, visual.dtype)
+        grid = torch.tensor([p.qwen.grid_thw for p in prepared], device=self.device)
+        merged = visual(pixels, grid_thw=grid).pooler_output  # [sum tokens, D]
+        return list(torch.split(merged, [p.qwen.num_tokens for p in prepared]))
+
+    # ----------------------------------------------------------------- user API
+    @torch.inference_mode()
+    def encode(
+        self,
+        inputs: Any,
+        *,
+        batch_size: int = 8,
+        show_progress_bar: bool | None = None,
+        convert_to_numpy: bool = True,
+        normalize_embeddings: bool = True,
+        image_resize: tuple[int, int] | None = None,
+        reuse_image_features: bool = True,
+    ) -> np.ndarray | torch.Tensor:
+        """Embed strings, images (PIL, path, numpy) or dicts like
+        `{"image": ..., "text": ..., "box": [x1, y1, x2, y2]}` / `"points": [[x, y], ...], "labels": [1, 0]`
+        / `"mask": HxW array or PNG path`. Coordinates are pixels of the original image.
+
+        Args:
+            inputs: one input or a list of them; the result has one row per input, in order.
+            batch_size: rows per forward pass. Rows are grouped by modality (and by image, so prompts on
+                one image share its SAM2 and ViT features); the result does not depend on it.
+            image_resize: (W, H) to squash every image to first, like the official evaluation (1344, 1344).
+            reuse_image_features: compute SAM2/ViT features once per distinct image (off: once per row).
+        Returns:
+            float32 [N, hidden] numpy array (or tensor), L2-normalised unless `normalize_embeddings=False`;
+            [hidden] for a single non-list input.
+        """
+        single = not isinstance(inputs, (list, tuple))
+        items = [parse_input(x, i) for i, x in enumerate([inputs] if single else inputs)]
+        if not items:
+            raise InputError("encode: got an empty list of inputs")
+        if batch_size < 1:
+            raise InputError(f"batch_size: must be >= 1, got {batch_size}")
+        batches = list(self._plan(items, batch_size))
+        cache = FeatureCache(capacity=max(4 * batch_size, 16)) if reuse_image_features else None
+        out = torch.empty(len(items), self.config.hidden_size)
+        show = len(batches) > 1 if show_progress_bar is None else show_progress_bar
+        for batch in tqdm(batches, desc="Encoding", unit="batch", disable=not show):
+            rows = [items[i] for i in batch]
+            emb = self(rows, indices=batch, cache=cache, image_resize=image_resize, normalize=normalize_embeddings)
+            out[batch] = emb.float().cpu()
+        if single:
+            out = out[0]
+        return out.numpy() if convert_to_numpy else out
+
+    def _plan(self, items: list[EmbedInput], batch_size: int) -> Iterable[list[int]]:
+        """Text rows sorted by length (less padding); image rows grouped by image (features reused)."""
+        text = [i for i, it in enumerate(items) if not it.has_image]
+        text.sort(key=lambda i: -len(items[i].text or ""))
+        first_seen: dict[Any, int] = {}
+        image = [i for i, it in enumerate(items) if it.has_image]
+        for i in image:
+            first_seen.setdefault(items[i].image_identity(), i)
+        image.sort(key=lambda i: (first_seen[items[i].image_identity()], i))
+        for group in (text, image):
+            for start in range(0, len(group), batch_size):
+                yield group[start : start + batch_size]
+
+    @staticmethod
+    def similarity(a, b) -> np.ndarray | torch.Tensor:
+        """Dot products of two sets of (normalised) embeddings: [N, D] x [M, D] -> [N, M] cosine scores."""
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            a, b = torch.as_tensor(a), torch.as_tensor(b)
+            return torch.atleast_2d(a).float() @ torch.atleast_2d(b).float().T
+        return np.atleast_2d(np.asarray(a, np.float32)) @ np.atleast_2d(np.asarray(b, np.float32)).T

@@ -1,0 +1,1 @@
+"""Turning user inputs into model tensors: images, text, SAM prompts, batches."""

@@ -1,0 +1,80 @@
+"""`VirtueProcessor`: the preprocessing shared by encode, training and evaluation, so they cannot drift."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from virtue.config import VirtueConfig
+from virtue.errors import InputError, PromptError
+from virtue.inputs import EmbedInput
+from virtue.processing.images import image_digest, load_image, prepare_image
+from virtue.processing.qwen import QwenImage, qwen_image
+from virtue.processing.sam import SamPrompt, sam_pixels, sam_prompt
+from virtue.processing.text import expand_image_tokens, with_image_token
+
+
+@dataclass
+class LoadedImage:
+    """An input's image after the official pre-resizes, with the key its features are cached under."""
+
+    image: Image.Image
+    size_wh: tuple[int, int]  # original size, the frame of the prompt coordinates
+    key: tuple
+
+
+@dataclass
+class PreparedImage:
+    qwen: QwenImage
+    sam_pixels: torch.Tensor | None  # [3, S, S]
+
+
+class VirtueProcessor:
+    """Tokeniser + image preprocessing + prompt mapping for one model configuration."""
+
+    def __init__(self, config: VirtueConfig, tokenizer):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise InputError(f"tokenizer has no {config.image_token} token")
+
+    def text(self, item: EmbedInput, where: str) -> str:
+        return with_image_token(item.text, item.has_image, where)
+
+    def token_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+    def load(self, item: EmbedInput, where: str, resize_to: tuple[int, int] | None) -> LoadedImage:
+        raw = load_image(item.image, where)
+        size = (raw.width, raw.height)
+        if item.prompt is not None:
+            try:
+                item.prompt.validate(size)
+            except PromptError as exc:
+                raise PromptError(f"{where}: {exc}") from None
+        image = prepare_image(raw, resize_to)
+        return LoadedImage(image, size, (image_digest(image), resize_to))
+
+    def prepare_image(self, loaded: LoadedImage) -> PreparedImage:
+        qwen = qwen_image(loaded.image, self.config.image_processing)
+        pixels = None
+        if self.config.sam.enabled:
+            pixels = sam_pixels(loaded.image, qwen, self.config.sam.image_size, self.config.compat)
+        return PreparedImage(qwen, pixels)
+
+    def image_row_ids(self, text: str, num_visual_tokens: int) -> list[int]:
+        return expand_image_tokens(self.token_ids(text), self.image_token_id, num_visual_tokens)
+
+    def sam_prompt(self, item: EmbedInput, size_wh: tuple[int, int], mask_size: int) -> SamPrompt:
+        sam = self.config.sam
+        return sam_prompt(
+            item.prompt,
+            size_wh,
+            sam_size=sam.image_size,
+            mask_size=mask_size,
+            points_per_side=sam.points_per_side,
+            compat=self.config.compat,
+        )

@@ -1,0 +1,154 @@
+"""Visual prompts: small frozen values in pixel coordinates of the user's original image.
+
+A region is selected by any combination of `Points`, one `Box` and one `Mask` (as in SAM). With none of
+them the model uses its k x k point grid (`GridPrompt`), exactly as the released checkpoints were trained.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from virtue.errors import PromptError
+
+
+def _finite_pair(value, where: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in value)
+    except (TypeError, ValueError) as exc:
+        raise PromptError(f"{where}: expected (x, y) numbers, got {value!r}") from exc
+    if not (np.isfinite(x) and np.isfinite(y)):
+        raise PromptError(f"{where}: coordinates must be finite, got ({x}, {y})")
+    return x, y
+
+
+@dataclass(frozen=True)
+class Points:
+    """One or more points, (x, y) in pixels of the original image; labels 1 = positive, 0 = negative."""
+
+    xy: tuple[tuple[float, float], ...]
+    labels: tuple[int, ...]
+
+    def __init__(self, xy: Sequence[Sequence[float]], labels: Sequence[int] | None = None):
+        arr = list(xy)
+        if arr and not isinstance(arr[0], (Sequence, np.ndarray)):
+            arr = [arr]  # a single (x, y)
+        pts = tuple(_finite_pair(p, f"points[{i}]") for i, p in enumerate(arr))
+        if not pts:
+            raise PromptError("points: expected at least one (x, y) point, got none")
+        labs = tuple(int(v) for v in (labels if labels is not None else [1] * len(pts)))
+        if len(labs) != len(pts):
+            raise PromptError(f"points: {len(pts)} points but {len(labs)} labels")
+        if any(v not in (0, 1) for v in labs):
+            raise PromptError(f"points: labels must be 1 (positive) or 0 (negative), got {list(labs)}")
+        object.__setattr__(self, "xy", pts)
+        object.__setattr__(self, "labels", labs)
+
+    def validate(self, size_wh: tuple[int, int]) -> None:
+        w, h = size_wh
+        for i, (x, y) in enumerate(self.xy):
+            if not (0 <= x <= w and 0 <= y <= h):
+                raise PromptError(f"points[{i}] ({x:g}, {y:g}) lies outside the {w}x{h} image")
+
+
+@dataclass(frozen=True)
+class Box:
+    """An axis-aligned box, x1 y1 x2 y2 in pixels of the original image (XYXY)."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+
+    @classmethod
+    def from_xyxy(cls, value: Sequence[float]) -> Box:
+        try:
+            x1, y1, x2, y2 = (float(v) for v in value)
+        except (TypeError, ValueError) as exc:
+            raise PromptError(f"box: expected [x1, y1, x2, y2], got {value!r}") from exc
+        return cls(x1, y1, x2, y2)
+
+    @classmethod
+    def from_xywh(cls, value: Sequence[float]) -> Box:
+        """From COCO's [x, y, width, height] (the SCaR `bbox` column)."""
+        x, y, w, h = (float(v) for v in value)
+        return cls(x, y, x + w, y + h)
+
+    @property
+    def xyxy(self) -> tuple[float, float, float, float]:
+        return (self.x1, self.y1, self.x2, self.y2)
+
+    def validate(self, size_wh: tuple[int, int]) -> None:
+        w, h = size_wh
+        shown = [f"{v:g}" for v in self.xyxy]
+        if not all(np.isfinite(v) for v in self.xyxy):
+            raise PromptError(f"box {shown}: coordinates must be finite")
+        if self.x2 <= self.x1:
+            raise PromptError(f"box {shown} has zero or negative width; expected x1 < x2 within {w}x{h}")
+        if self.y2 <= self.y1:
+            raise PromptError(f"box {shown} has zero or negative height; expected y1 < y2 within {w}x{h}")
+        if self.x1 < 0 or self.y1 < 0 or self.x2 > w or self.y2 > h:
+            raise PromptError(f"box {shown} lies outside the {w}x{h} image")
+
+
+@dataclass(frozen=True, eq=False)
+class Mask:
+    """A binary mask of the original image's size (H x W); True marks the region."""
+
+    array: np.ndarray
+
+    def __init__(self, array):
+        arr = np.asarray(array)
+        if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
+            arr = arr[..., 0]  # a greyscale image saved as RGB(A)
+        if arr.ndim != 2:
+            raise PromptError(f"mask: expected a 2-D (H x W) array, got shape {tuple(arr.shape)}")
+        if arr.dtype != bool:
+            values = np.unique(arr)
+            if not np.isin(values, (0, 1, 255)).all():
+                raise PromptError(f"mask: expected binary values (0/1 or 0/255), found {values[:5].tolist()}")
+            arr = arr > 0
+        arr = np.ascontiguousarray(arr)
+        arr.setflags(write=False)
+        object.__setattr__(self, "array", arr)
+
+    def validate(self, size_wh: tuple[int, int]) -> None:
+        w, h = size_wh
+        if self.array.shape != (h, w):
+            raise PromptError(
+                f"mask of shape {self.array.shape[1]}x{self.array.shape[0]} (WxH) does not match the {w}x{h} image"
+            )
+        if not self.array.any():
+            raise PromptError("mask is empty (no pixel set)")
+
+
+@dataclass(frozen=True)
+class GridPrompt:
+    """No user prompt: a k x k grid of positive points used as one prompt (the official default)."""
+
+    points_per_side: int
+
+
+@dataclass(frozen=True, eq=False)
+class VisualPrompt:
+    """What selects the region of one image: points, a box and a mask, each optional."""
+
+    points: Points | None = None
+    box: Box | None = None
+    mask: Mask | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return self.points is None and self.box is None and self.mask is None
+
+    def validate(self, size_wh: tuple[int, int]) -> None:
+        for part in (self.points, self.box, self.mask):
+            if part is not None:
+                part.validate(size_wh)
+
+    def fingerprint(self) -> tuple:
+        """A hashable summary, for de-duplicating identical requests."""
+        mask = None if self.mask is None else hash(self.mask.array.tobytes())
+        return (self.points, self.box, mask)
