@@ -576,8 +576,8 @@ def load_sam2_meta(pt_path: str | Path, yaml_path: str | Path) -> tuple[dict[str
     return config, _meta_state_dict(Path(pt_path), config)
 
 
-def _meta_state_dict(pt_path: Path, config: Mapping[str, Any]) -> StateDict:
-    return sam2_state_dict_from_meta(_load_meta_pt(pt_path), source=str(pt_path), config=config)
+def _meta_state_dict(pt_path: Path, config: Mapping[str, Any], note: str = "") -> StateDict:
+    return sam2_state_dict_from_meta(_load_meta_pt(pt_path), source=f"{pt_path}{note}", config=config)
 
 
 _TRANSFORMERS_MODEL_TYPES = ("sam2", "sam2_video")  # the facebook/sam2.1-* hub repos say "sam2_video"
@@ -645,7 +645,8 @@ def _read_safetensors(directory: Path) -> dict[str, Tensor]:
 # Finding the weights
 # --------------------------------------------------------------------------------------------------
 
-Loaded = tuple[dict[str, Any], StateDict]
+# (config, state dict, description of the files actually used)
+Found = tuple[dict[str, Any], StateDict, str]
 _B_PLUS_YAML_NAME = "sam2.1_hiera_b+.yaml"
 _HUB_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
 
@@ -661,8 +662,8 @@ def resolve_sam2_weights(
     official_sam_cfg: Mapping[str, Any] | None,
     hub_id: str = "facebook/sam2.1-hiera-base-plus",
     allow_hub: bool = True,
-) -> tuple[dict[str, Any], StateDict, str]:
-    """(Sam2Config kwargs, Sam2Model state dict, where it came from).
+) -> Found:
+    """(Sam2Config kwargs, Sam2Model state dict, description of where they came from).
 
     Order: `explicit` (a Meta `.pt` or a transformers-format directory); then `checkpoint_dir` (the
     files named by `official_sam_cfg`, i.e. an official config.json's `virtue_sam`, then a `sam2/`
@@ -674,19 +675,17 @@ def resolve_sam2_weights(
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     sam_cfg = dict(official_sam_cfg or {})
     if explicit is not None:
-        place = f"explicit SAM2 weights {explicit}"
         try:
-            return (*_load_explicit(Path(explicit), checkpoint_dir, sam_cfg), place)
+            config, weights, found = _load_explicit(Path(explicit), checkpoint_dir, sam_cfg)
         except _NotHere as exc:
-            raise MissingSamWeightsError(_missing_message([f"{place}: {exc}"])) from None
+            raise MissingSamWeightsError(_missing_message([f"explicit path {explicit}: {exc}"])) from None
+        return config, weights, f"explicit: {found}"
     tried: list[str] = []
     for place, load in _fallback_places(checkpoint_dir, sam_cfg, hub_id, allow_hub):
         try:
-            config, weights = load()
+            return load()
         except _NotHere as exc:
             tried.append(f"{place}: {exc}")
-            continue
-        return config, weights, place
     raise MissingSamWeightsError(_missing_message(tried))
 
 
@@ -695,7 +694,7 @@ def _missing_message(tried: list[str]) -> str:
     return f"no SAM2 weights found; places tried, in order:\n{lines}"
 
 
-def _load_explicit(path: Path, checkpoint_dir: Path | None, sam_cfg: Mapping[str, Any]) -> Loaded:
+def _load_explicit(path: Path, checkpoint_dir: Path | None, sam_cfg: Mapping[str, Any]) -> Found:
     if path.is_dir():
         return _load_transformers_dir(path)
     if path.is_file():
@@ -704,10 +703,10 @@ def _load_explicit(path: Path, checkpoint_dir: Path | None, sam_cfg: Mapping[str
     raise _NotHere("no such file or directory")
 
 
-def _load_transformers_dir(directory: Path) -> Loaded:
+def _load_transformers_dir(directory: Path) -> Found:
     if not (directory / "config.json").is_file():
         raise _NotHere("directory without config.json (not transformers' Sam2 layout)")
-    return load_sam2_transformers(directory)
+    return (*load_sam2_transformers(directory), f"transformers-format SAM2 folder {directory}")
 
 
 def _candidates(relative: str | None, dirs: list[Path]) -> list[Path]:
@@ -723,49 +722,54 @@ def _candidates(relative: str | None, dirs: list[Path]) -> list[Path]:
     return found
 
 
-def _load_meta_with_yaml(pt_path: Path, dirs: list[Path], config_path: str | None) -> Loaded:
+def _load_meta_with_yaml(pt_path: Path, dirs: list[Path], config_path: str | None) -> Found:
     yaml_options = [*_candidates(config_path, dirs), pt_path.with_suffix(".yaml")]
     yaml_path = next((p for p in yaml_options if p.is_file()), None)
     if yaml_path is not None:
-        return load_sam2_meta(pt_path, yaml_path)
+        return (*load_sam2_meta(pt_path, yaml_path), f"Meta checkpoint {pt_path} with config {yaml_path}")
     if config_path and Path(config_path).name != _B_PLUS_YAML_NAME:
         tried = ", ".join(str(p) for p in yaml_options)
         raise _NotHere(f"found {pt_path} but not its yaml '{config_path}' (looked at {tried})")
     # Without a yaml, the b+ architecture is the one VIRTUE was trained with.
-    config = sam2_config_from_meta(B_PLUS_META_CONFIG, source=f"built-in Hiera-B+ config for {pt_path}")
-    return config, _meta_state_dict(pt_path, config)
+    note = " (no yaml found: built-in Hiera-B+ config)"
+    config = sam2_config_from_meta(B_PLUS_META_CONFIG, source="built-in Hiera-B+ config")
+    return config, _meta_state_dict(pt_path, config, note=note), f"Meta checkpoint {pt_path}{note}"
 
 
 def _fallback_places(
     checkpoint_dir: Path | None, sam_cfg: Mapping[str, Any], hub_id: str, allow_hub: bool
-) -> list[tuple[str, Callable[[], Loaded]]]:
-    places: list[tuple[str, Callable[[], Loaded]]] = []
+) -> list[tuple[str, Callable[[], Found]]]:
+    places: list[tuple[str, Callable[[], Found]]] = []
     if checkpoint_dir is None:
         places.append(("checkpoint directory", _not_here("none given")))
     else:
+        ckpt_dir = checkpoint_dir  # bound for the closures below
         places.append(
             (
-                f"Meta checkpoint {sam_cfg.get('checkpoint')!r} from virtue_sam, in {checkpoint_dir}",
-                lambda: _load_official_meta(checkpoint_dir, sam_cfg),
+                f"Meta checkpoint named by virtue_sam ({sam_cfg.get('checkpoint')!r}) in {ckpt_dir}",
+                lambda: _load_official_meta(ckpt_dir, sam_cfg),
             )
         )
-        sub = checkpoint_dir / "sam2"
+        sub = ckpt_dir / "sam2"
         places.append((f"transformers-format folder {sub}", lambda: _load_transformers_dir_if_present(sub)))
-    if allow_hub:
-        places.append((f"Hugging Face Hub {hub_id}", lambda: _load_from_hub(hub_id)))
-    else:
-        places.append((f"Hugging Face Hub {hub_id}", _not_here("disabled (allow_hub=False)")))
+    hub_place = f"Hugging Face Hub {hub_id}"
+    places.append(
+        (
+            hub_place,
+            (lambda: _load_from_hub(hub_id)) if allow_hub else _not_here("disabled (allow_hub=False)"),
+        )
+    )
     return places
 
 
-def _not_here(reason: str) -> Callable[[], Loaded]:
-    def load() -> Loaded:
+def _not_here(reason: str) -> Callable[[], Found]:
+    def load() -> Found:
         raise _NotHere(reason)
 
     return load
 
 
-def _load_official_meta(checkpoint_dir: Path, sam_cfg: Mapping[str, Any]) -> Loaded:
+def _load_official_meta(checkpoint_dir: Path, sam_cfg: Mapping[str, Any]) -> Found:
     checkpoint = sam_cfg.get("checkpoint")
     if not checkpoint:
         raise _NotHere("no virtue_sam.checkpoint entry")
@@ -776,21 +780,22 @@ def _load_official_meta(checkpoint_dir: Path, sam_cfg: Mapping[str, Any]) -> Loa
     return _load_meta_with_yaml(pt_path, [checkpoint_dir], sam_cfg.get("config_path"))
 
 
-def _load_transformers_dir_if_present(directory: Path) -> Loaded:
+def _load_transformers_dir_if_present(directory: Path) -> Found:
     if not directory.is_dir():
         raise _NotHere("does not exist")
     return _load_transformers_dir(directory)
 
 
-def _load_from_hub(hub_id: str) -> Loaded:
+def _load_from_hub(hub_id: str) -> Found:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
         raise _NotHere(f"huggingface_hub is not importable: {exc}") from exc
     try:
-        local = snapshot_download(hub_id, allow_patterns=_HUB_PATTERNS)
+        local = Path(snapshot_download(hub_id, allow_patterns=_HUB_PATTERNS))
     except Exception as exc:
         # The hub client raises many unrelated types (offline mode, HTTP, auth, disk); all mean
         # "not available here", and the reason goes into the final message.
         raise _NotHere(f"download failed: {type(exc).__name__}: {exc}") from exc
-    return _load_transformers_dir(Path(local))
+    config, weights, _ = _load_transformers_dir(local)
+    return config, weights, f"Hugging Face Hub {hub_id} (snapshot {local})"

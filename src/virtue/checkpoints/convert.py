@@ -1,0 +1,31 @@
+"""Official released layout -> library layout, weights converted to safetensors with their dtypes kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from virtue.checkpoints.loading import read_checkpoint
+from virtue.checkpoints.native import check_state_dict, save_native
+from virtue.errors import CheckpointError
+
+
+def convert_checkpoint(
+    src: str | Path, dst: str | Path, *, sam_checkpoint: str | Path | None = None, allow_hub: bool = True
+) -> Path:
+    """Write `dst` (library layout, SAM2 weights included). Tensors keep their stored dtype, so the
+    converted model gives the same embeddings."""
+    ckpt = read_checkpoint(src, sam_checkpoint=sam_checkpoint, allow_hub=allow_hub)
+    if ckpt.layout != "official":
+        raise CheckpointError(f"{src}: already in the library layout; nothing to convert")
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise CheckpointError(f"{dst}: exists and is not empty; choose a new directory")
+    from virtue.model.embedder import VirtueModel
+
+    with torch.device("meta"):  # keys and shapes checked without allocating the weights
+        skeleton = VirtueModel(ckpt.config, ckpt.tokenizer)
+    check_state_dict(skeleton.state_dict(), ckpt.state_dict, ckpt.source)
+    save_native(dst, ckpt.config, ckpt.state_dict, ckpt.tokenizer)
+    return dst
