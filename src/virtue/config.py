@@ -3,8 +3,10 @@ of the library layout."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,3 +216,24 @@ class VirtueConfig:
 
     def replace(self, **changes: Any) -> VirtueConfig:
         return dataclasses.replace(self, **changes)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Qwen2-VL configs carry `mrope_section` (and legacy `rope_scaling`); transformers warns on every
+    parse although Qwen2-VL reads them. Raise its logger's level only while a config is parsed."""
+    log = logging.getLogger("transformers")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def qwen_config(backbone: dict[str, Any]):
+    """`transformers.Qwen2VLConfig` from its dict form."""
+    from transformers import Qwen2VLConfig
+
+    with quiet_transformers():
+        return Qwen2VLConfig.from_dict(backbone)

@@ -82,7 +82,7 @@ class Box:
 
     def validate(self, size_wh: tuple[int, int]) -> None:
         w, h = size_wh
-        shown = [f"{v:g}" for v in self.xyxy]
+        shown = "[" + ", ".join(f"{v:g}" for v in self.xyxy) + "]"
         if not all(np.isfinite(v) for v in self.xyxy):
             raise PromptError(f"box {shown}: coordinates must be finite")
         if self.x2 <= self.x1:

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 from virtue.checkpoints.native import is_native, read_native
 from virtue.checkpoints.official import is_official, read_official
-from virtue.config import VirtueConfig
+from virtue.config import VirtueConfig, quiet_transformers
 from virtue.errors import CheckpointError, UnknownLayoutError
 
 
@@ -58,7 +58,8 @@ def read_checkpoint(
             "or a Qwen2-VL config.json with 'virtue_sam' and sam2_reducer_and_vlm_layer.pth (official layout)"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        with quiet_transformers():  # it re-parses config.json and repeats the rope warnings
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot load the tokenizer files ({exc})") from exc
     return Checkpoint(config, state, tokenizer, source, layout)

@@ -11,10 +11,17 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import Qwen2VLConfig
 
 from virtue.checkpoints.sam2_weights import resolve_sam2_weights
-from virtue.config import CLIP_MEAN, CLIP_STD, CompatConfig, ImageProcessingConfig, SamBranchConfig, VirtueConfig
+from virtue.config import (
+    CLIP_MEAN,
+    CLIP_STD,
+    CompatConfig,
+    ImageProcessingConfig,
+    SamBranchConfig,
+    VirtueConfig,
+    qwen_config,
+)
 from virtue.errors import CheckpointError, WeightMismatchError
 
 CONNECTOR_FILE = "sam2_reducer_and_vlm_layer.pth"
@@ -63,7 +70,7 @@ def read_official(
     sam_cfg = raw.pop("virtue_sam", None) or {}
     if sam_cfg.get("enabled") is False:
         raise CheckpointError(f"{path / 'config.json'}: virtue_sam.enabled is false; not a VIRTUE checkpoint")
-    backbone = Qwen2VLConfig.from_dict(raw).to_dict()
+    backbone = qwen_config(raw).to_dict()
     sam2_kwargs, sam_state, sam_source = resolve_sam2_weights(
         explicit=sam_checkpoint, checkpoint_dir=path, official_sam_cfg=sam_cfg, allow_hub=allow_hub
     )

@@ -168,6 +168,16 @@ def sam2_config_from_meta(raw: Mapping[str, Any], *, source: str) -> dict[str, A
     """Same as `sam2_config_from_meta_yaml`, for an already parsed yaml (e.g. `B_PLUS_META_CONFIG`)."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{source}: expected a YAML mapping with a 'model' key")
+    try:
+        return _convert_meta_config(raw, source)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        # values of the wrong type (a string where Meta expects a list of ints, ...)
+        raise ConfigError(f"{source}: malformed SAM2 config: {type(exc).__name__}: {exc}") from exc
+
+
+def _convert_meta_config(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
     model = _section(raw, "model", source, {})
     encoder = _section(model, "image_encoder", source, {})
     trunk = _with_defaults(_section(encoder, "trunk", source, {}), _HIERA_DEFAULTS, _TRUNK_KEY, source)
@@ -308,7 +318,7 @@ def _fpn_hidden_size(neck: Mapping[str, Any], source: str) -> int:
 def _check_hidden_dims(model: Mapping[str, Any], hidden: int, source: str) -> None:
     # Meta sizes the SAM heads by memory_attention.d_model and feeds them the neck output, so the two
     # must agree; transformers uses the neck width for both.
-    memory_dim = model.get("memory_attention", {}).get("d_model", hidden)
+    memory_dim = (model.get("memory_attention") or {}).get("d_model", hidden)
     if memory_dim != hidden:
         raise ConfigError(
             f"{source}: 'model.memory_attention.d_model' ({memory_dim}) differs from "

@@ -4,12 +4,13 @@ decoder with explicit positions, take the last position. Logits are never comput
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2VLConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
+
+from virtue.config import qwen_config
 
 
 def build_qwen(backbone: dict, attn_implementation: str = "sdpa") -> Qwen2VLModel:
-    config = Qwen2VLConfig.from_dict(backbone)
+    config = qwen_config(backbone)
     config._attn_implementation = attn_implementation
     config.text_config._attn_implementation = attn_implementation
     config.vision_config._attn_implementation = attn_implementation

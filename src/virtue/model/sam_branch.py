@@ -65,7 +65,9 @@ class SamBranch(nn.Module):
         else:
             dense = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(n, -1, h, w)
         decoder = sam.mask_decoder
-        output_tokens = torch.cat([decoder.obj_score_token.weight, decoder.iou_token.weight, decoder.mask_tokens.weight])
+        output_tokens = torch.cat(
+            [decoder.obj_score_token.weight, decoder.iou_token.weight, decoder.mask_tokens.weight]
+        )  # [6, C]: object score, IoU, 4 mask tokens, in SAM2's order
         tokens = torch.cat([output_tokens.expand(n, 1, -1, -1).to(dtype), sparse.to(dtype)], dim=2)
         pos = sam.get_image_wide_positional_embeddings().to(dtype).expand(n, -1, -1, -1)
         _, keys = decoder.transformer(

@@ -1,0 +1,1 @@
+"""The `virtue` command line: thin shells over library calls."""

@@ -1,0 +1,35 @@
+"""`virtue` entry point: a table of subcommands; `main(argv)` returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from virtue.cli import convert, embed, similarity
+from virtue.errors import VirtueError
+
+COMMANDS = (embed, similarity, convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="virtue", description="VIRTUE visual-interactive embeddings")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.run(args)
+    except VirtueError as exc:
+        print(f"virtue {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
