@@ -58,11 +58,11 @@ class VirtueProcessor:
         image = prepare_image(raw, resize_to)
         return LoadedImage(image, size, (image_digest(image), resize_to))
 
-    def prepare_image(self, loaded: LoadedImage) -> PreparedImage:
+    def prepare_image(self, loaded: LoadedImage, device: torch.device | str = "cpu") -> PreparedImage:
         qwen = qwen_image(loaded.image, self.config.image_processing)
         pixels = None
         if self.config.sam.enabled:
-            pixels = sam_pixels(loaded.image, qwen, self.config.sam.image_size, self.config.compat)
+            pixels = sam_pixels(loaded.image, qwen, self.config.sam.image_size, self.config.compat, device)
         return PreparedImage(qwen, pixels)
 
     def image_row_ids(self, text: str, num_visual_tokens: int) -> list[int]:

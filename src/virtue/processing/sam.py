@@ -18,7 +18,9 @@ BOX_LABELS = (2, 3)
 PAD_LABEL = -1
 
 
-def sam_pixels(img: Image.Image, qwen: QwenImage, size: int, compat: CompatConfig) -> torch.Tensor:
+def sam_pixels(
+    img: Image.Image, qwen: QwenImage, size: int, compat: CompatConfig, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """The [3, size, size] tensor SAM's image encoder reads.
 
     compat (virtue-spec §10.1): the released weights saw the Qwen-resized, CLIP-normalised image, resized
@@ -28,10 +30,11 @@ def sam_pixels(img: Image.Image, qwen: QwenImage, size: int, compat: CompatConfi
         x = qwen.normalized[None]
     else:
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)[None].float() / 255
+    x = x.to(device)  # the 1024^2 resize is the costliest preprocessing step: run it where the model runs
     # torchvision's tensor Resize (bilinear, antialias) without torchvision.
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
     return ((x - mean) / std)[0]
 
 
