@@ -47,3 +47,25 @@ def converted_dir(fixture_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def fixture_images(fixture_dir) -> dict[str, Path]:
     return {p.name: p for p in (fixture_dir / "images").iterdir()}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(fixture_dir):
+    from transformers import AutoTokenizer
+
+    from virtue.config import quiet_transformers
+
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(str(fixture_dir / "checkpoint"))
+
+
+@pytest.fixture
+def tiny_model(tokenizer):
+    """A tiny random VIRTUE built in code (clean compatibility setting)."""
+    import torch
+
+    from virtue import VirtueModel
+    from virtue.model.presets import tiny_config
+
+    torch.manual_seed(0)
+    return VirtueModel(tiny_config(), tokenizer).eval()

@@ -121,6 +121,7 @@ class SamBranchConfig:
     enabled: bool = True
 
     def __post_init__(self):
+        object.__setattr__(self, "sam2", json.loads(json.dumps(self.sam2)))
         if self.points_per_side < 1:
             raise ConfigError(f"sam.points_per_side: must be >= 1, got {self.points_per_side}")
         if self.reducer_kernel < 1:
@@ -174,6 +175,8 @@ class VirtueConfig:
     def __post_init__(self):
         if not isinstance(self.backbone, dict) or "text_config" not in self.backbone:
             raise ConfigError("backbone: expected a Qwen2VLConfig dict with a 'text_config' entry")
+        # Canonical JSON form (e.g. id2label's int keys become strings), so a saved config equals the original.
+        object.__setattr__(self, "backbone", json.loads(json.dumps(self.backbone)))
         if self.format_version != FORMAT_VERSION:
             raise ConfigError(
                 f"format_version: this library reads version {FORMAT_VERSION}, got {self.format_version}"

@@ -16,12 +16,12 @@ def convert_checkpoint(
 ) -> Path:
     """Write `dst` (library layout, SAM2 weights included). Tensors keep their stored dtype, so the
     converted model gives the same embeddings."""
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise CheckpointError(f"{dst}: exists and is not empty; choose a new directory")
     ckpt = read_checkpoint(src, sam_checkpoint=sam_checkpoint, allow_hub=allow_hub)
     if ckpt.layout != "official":
         raise CheckpointError(f"{src}: already in the library layout; nothing to convert")
-    dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()):
-        raise CheckpointError(f"{dst}: exists and is not empty; choose a new directory")
     from virtue.model.embedder import VirtueModel
 
     with torch.device("meta"):  # keys and shapes checked without allocating the weights

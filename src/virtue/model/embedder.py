@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from virtue.config import CompatConfig, VirtueConfig
-from virtue.errors import InputError
+from virtue.errors import InputError, PromptError
 from virtue.inputs import EmbedInput, parse_input
 from virtue.model.backbone import build_qwen, last_hidden, pack_rows
 from virtue.model.connector import Connector
@@ -156,6 +156,10 @@ class VirtueModel(nn.Module):
         image_resize: tuple[int, int] | None,
     ) -> torch.Tensor:
         proc = self.processor
+        if self.sam is None:
+            for item, i in zip(items, indices, strict=True):
+                if item.prompt is not None:
+                    raise PromptError(f"input {i}: this model has no SAM branch, so it cannot read a visual prompt")
         loaded = [proc.load(item, f"input {i}", image_resize) for item, i in zip(items, indices, strict=True)]
         if cache is None:
             # Without a cache every row computes its own image features (the reference for benchmarks).
