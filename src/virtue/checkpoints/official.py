@@ -119,7 +119,8 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         if file.suffix == ".safetensors":
             return load_file(file)
-        return torch.load(file, map_location="cpu", weights_only=True)
+        # mmap: shards are paged in as they are copied into the model, not read whole up front.
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # a pickle that weights_only refuses, or a corrupt file
         raise CheckpointError(f"{file}: cannot load tensors ({exc})") from exc
 

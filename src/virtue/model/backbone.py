@@ -14,8 +14,8 @@ def build_qwen(backbone: dict, attn_implementation: str = "sdpa") -> Qwen2VLMode
     config._attn_implementation = attn_implementation
     config.text_config._attn_implementation = attn_implementation
     config.vision_config._attn_implementation = attn_implementation
-    # Sub-models would otherwise be created in the checkpoint's stored dtype (bf16); the caller casts.
-    return Qwen2VLModel(config).float()
+    # Sub-models would otherwise be created in the checkpoint's stored dtype (bf16): use the caller's.
+    return Qwen2VLModel(config).to(torch.get_default_dtype())
 
 
 def pack_rows(

@@ -27,6 +27,16 @@ logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+@contextlib.contextmanager
 def _cudnn_tf32_off():
     before = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
@@ -81,8 +91,10 @@ class VirtueModel(nn.Module):
 
         ckpt = read_checkpoint(name_or_path, sam_checkpoint=sam_checkpoint, allow_hub=allow_hub)
         config = ckpt.config if compat is None else ckpt.config.replace(compat=compat)
-        model = cls(config, ckpt.tokenizer, attn_implementation)
+        with _default_dtype(dtype):  # built directly in the target dtype: no float32 copy of a 7B model
+            model = cls(config, ckpt.tokenizer, attn_implementation)
         model.load_weights(ckpt.state_dict, source=ckpt.source)
+        del ckpt
         model.to(device=device, dtype=dtype).eval()
         return model
 

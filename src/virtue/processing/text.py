@@ -53,17 +53,20 @@ def scar_train_query_text(qry: str, box_xyxy: Sequence[float]) -> str:
 
 
 def mmeb_query_text(instruction: str, text: str = "", *, with_image: bool = True, family: str = "cls") -> str:
-    """An MMEB evaluation query as the official dataset code builds it (virtue-spec §5.4).
+    """An MMEB evaluation query as the official dataset code builds it (virtue-spec §5.4): placeholder,
+    instruction and text joined by spaces, " \n" folded to "\n", a trailing newline.
 
-    family: "cls" / "i2t" keep the instruction as given; "qa" / "vg" put it on its own line.
+    instruction: as the dataset stores it (a leading `<|image_1|>` is dropped, its newline kept).
+    family: "cls" / "i2t" keep the instruction as given; "qa" / "vg" put it on its own line;
+        "t2i" queries have no image.
     """
     if family not in ("cls", "i2t", "qa", "vg", "t2i"):
         raise InputError(f"family: expected one of cls, i2t, qa, vg, t2i, got {family!r}")
-    instruction = instruction.replace(DATASET_IMAGE_TOKEN, "").strip(" ")
+    instruction = instruction.replace(DATASET_IMAGE_TOKEN, "")
     if family in ("qa", "vg"):
         instruction = "\n" + instruction.strip()
     parts = [IMAGE_TOKEN] if with_image and family != "t2i" else []
-    parts += [instruction, text]
+    parts += [p for p in (instruction, text) if p]
     return " ".join(parts).replace(" \n", "\n") + "\n"
 
 
