@@ -17,7 +17,8 @@ def test_scar_eval_query():
 
 
 def test_scar_train_query():
-    assert scar_train_query_text("<|image_1|>\nFind it.", [1, 2, 3, 4]) == "<|image_pad|>\nFind it.\nReferring object bbox: [1, 2, 3, 4]"
+    expected = "<|image_pad|>\nFind it.\nReferring object bbox: [1, 2, 3, 4]"
+    assert scar_train_query_text("<|image_1|>\nFind it.", [1, 2, 3, 4]) == expected
 
 
 def test_mmeb_queries():
