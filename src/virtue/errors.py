@@ -37,3 +37,7 @@ class MissingSamWeightsError(CheckpointError):
 
 class WeightMismatchError(CheckpointError):
     """Missing or unexpected keys, or tensors of the wrong shape."""
+
+
+class DataError(VirtueError):
+    """A malformed data row or file; names the dataset, the row id and the column."""

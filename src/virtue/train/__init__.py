@@ -1,0 +1,1 @@
+"""Contrastive fine-tuning: data, loss, GradCache, adapters, the training loop."""

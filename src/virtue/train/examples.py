@@ -1,0 +1,39 @@
+"""The unit of training data: a query, its positive, optional hard negatives, and where it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from virtue.inputs import EmbedInput
+
+
+@dataclass(frozen=True, eq=False)
+class TrainExample:
+    """One contrastive pair.
+
+    Attributes:
+        query: what is embedded on the query side (image + prompt + instruction, or text).
+        positive: the matching target (a caption, or an image with optional text).
+        negatives: hard negatives for this query (MMEB `neg_*`, SCaR's 9 distractor captions).
+        subset: name of the sub-dataset; every global batch is drawn from one subset.
+        row_id: stable id of the source row ("<file>:<row>"), used in error reports and resume.
+    """
+
+    query: EmbedInput
+    positive: EmbedInput
+    negatives: tuple[EmbedInput, ...] = field(default_factory=tuple)
+    subset: str = "default"
+    row_id: str = ""
+
+
+@dataclass(frozen=True)
+class BadRow:
+    """A source row that was rejected, with the reason; reported, never dropped silently."""
+
+    subset: str
+    row_id: str
+    column: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.subset} row {self.row_id}, column {self.column!r}: {self.reason}"
