@@ -129,20 +129,33 @@ class VirtueModel(nn.Module):
         image_resize: tuple[int, int] | None = None,
         normalize: bool = True,
     ) -> torch.Tensor:
-        """Embed one batch of parsed inputs -> [B, hidden] (differentiable where weights train).
+        """Embed one batch of parsed inputs -> [B, hidden], differentiable where weights train.
 
-        All rows must be of one modality (all with images or all text-only); `encode` arranges that.
+        Image rows and text rows are run as separate sub-batches (their sequences differ in structure) and
+        returned in input order. `encode` is the batched, no-grad entry point for users.
         """
         indices = list(range(len(items))) if indices is None else list(indices)
-        kinds = {item.has_image for item in items}
-        if len(kinds) != 1:
-            raise InputError("forward: a batch must be all image rows or all text rows; use encode() to mix")
+        groups = {
+            kind: [n for n, item in enumerate(items) if item.has_image == kind] for kind in (True, False)
+        }
+        parts = []
         with self._precision_scope():
-            if kinds == {True}:
-                pooled = self._embed_image_rows(items, indices, cache, image_resize)
-            else:
-                pooled = self._embed_text_rows(items, indices)
-        return F.normalize(pooled.float(), dim=-1) if normalize else pooled
+            for has_image, rows in groups.items():
+                if not rows:
+                    continue
+                sub_items, sub_indices = [items[n] for n in rows], [indices[n] for n in rows]
+                if has_image:
+                    pooled = self._embed_image_rows(sub_items, sub_indices, cache, image_resize)
+                else:
+                    pooled = self._embed_text_rows(sub_items, sub_indices)
+                parts.append((rows, pooled))
+        order = [n for rows, _ in parts for n in rows]
+        pooled = torch.cat([p for _, p in parts])
+        if order != sorted(order):
+            pooled = pooled[torch.argsort(torch.tensor(order, device=pooled.device))]
+        if pooled.dtype in (torch.float16, torch.bfloat16):
+            pooled = pooled.float()  # normalise and compare in float32, as the official eval does
+        return F.normalize(pooled, dim=-1) if normalize else pooled
 
     def _precision_scope(self):
         """float32 on CUDA means float32: cuDNN's default TF32 convolutions move the official embeddings by
@@ -209,7 +222,7 @@ class VirtueModel(nn.Module):
                 todo[key] = img
         if todo:
             prepared = [self.processor.prepare_image(img, self.device) for img in todo.values()]
-            with torch.no_grad():  # the ViT and SAM2 are frozen
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self._vision_trains()):
                 vision = self._vision_tower(prepared)
                 sam = None
                 if self.sam is not None:
@@ -218,6 +231,11 @@ class VirtueModel(nn.Module):
             for n, (key, img) in enumerate(todo.items()):
                 cache.put(key, ImageFeatures(vision[n], None if sam is None else sam[n], img.size_wh))
         return [self._cached(cache, key) for key in keys]
+
+    def _vision_trains(self) -> bool:
+        """Frozen by default (virtue-spec §3); from-scratch training may unfreeze the ViT or SAM2."""
+        towers = [self.qwen.visual] + ([self.sam] if self.sam is not None else [])
+        return any(p.requires_grad for tower in towers for p in tower.parameters())
 
     @staticmethod
     def _cached(cache: FeatureCache, key: tuple) -> ImageFeatures:
