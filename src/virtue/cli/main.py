@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 
-from virtue.cli import convert, embed, similarity
+from virtue.cli import convert, embed, similarity, train
 from virtue.errors import VirtueError
 
-COMMANDS = (embed, similarity, convert)
+COMMANDS = (embed, similarity, convert, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

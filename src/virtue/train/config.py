@@ -40,6 +40,7 @@ class DataSection:
     global_batch_size: int = 64
     on_bad_row: str = "skip"
     seed: int = 42
+    drop_visual_prompts: bool = False  # ablation: boxes stay in the text only (a model without SAM branch)
 
     def __post_init__(self):
         if not self.sources:

@@ -3,6 +3,7 @@ plain) step, sum gradients over processes, clip, step; log, checkpoint, resume, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -76,6 +77,26 @@ def load_subsets(cfg: TrainConfig) -> dict[str, tuple[list[TrainExample], float]
     return subsets
 
 
+def without_prompts(examples: list[TrainExample]) -> list[TrainExample]:
+    """The same examples with the visual prompts removed from every side (texts unchanged)."""
+    strip = lambda x: dataclasses.replace(x, prompt=None)  # noqa: E731
+    return [
+        dataclasses.replace(e, query=strip(e.query), positive=strip(e.positive),
+                            negatives=tuple(strip(n) for n in e.negatives))
+        for e in examples
+    ]
+
+
+def _check_prompts(model: VirtueModel, subsets: dict, cfg: TrainConfig) -> dict:
+    if cfg.data.drop_visual_prompts:
+        logger.info("data.drop_visual_prompts: visual prompts removed; boxes remain only where texts name them")
+        return {name: (without_prompts(ex), w) for name, (ex, w) in subsets.items()}
+    if model.sam is None and any(e.query.prompt is not None for ex, _ in subsets.values() for e in ex):
+        raise ConfigError("the model has no SAM branch but the data has visual prompts; "
+                          "set data.drop_visual_prompts=true to train on the texts alone")
+    return subsets
+
+
 def _distributed() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -106,8 +127,14 @@ def _batch(examples: list[TrainExample], hard_negatives: bool) -> ContrastiveBat
     )
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, show_progress_bar: bool = True) -> TrainResult:
-    """Run (or continue, with `resume`) the training `cfg` describes. Returns per-step losses."""
+def train(
+    cfg: TrainConfig, *, resume: bool = False, show_progress_bar: bool = True, stop_at_step: int | None = None
+) -> TrainResult:
+    """Run (or continue, with `resume`) the training `cfg` describes. Returns per-step losses.
+
+    stop_at_step: end early at this step (after checkpointing it), as if interrupted; the schedule still
+    follows `optim.max_steps`, so a later `resume=True` continues the same run.
+    """
     from virtue.train.sampler import SubsetBatchSampler, shard
 
     rank, world = _distributed()
@@ -116,6 +143,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress_bar: bool = T
     out = Path(cfg.output.dir)
     subsets = load_subsets(cfg)
     model = build_model(cfg)
+    subsets = _check_prompts(model, subsets, cfg)
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     model.to(device)
     params = apply_trainable(model, cfg.trainable)
@@ -146,7 +174,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress_bar: bool = T
     losses: list[float] = []
     batches = iter(sampler)
     bar = tqdm(total=cfg.optim.max_steps, initial=step, desc="train", disable=not show_progress_bar or rank != 0)
-    while step < cfg.optim.max_steps:
+    last = cfg.optim.max_steps if stop_at_step is None else min(stop_at_step, cfg.optim.max_steps)
+    while step < last:
         start = time.perf_counter()
         global_batch = next(batches)
         local = shard(global_batch, rank, world)
@@ -171,7 +200,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress_bar: bool = T
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.1f}")
         if rank == 0 and step % cfg.output.log_every == 0:
             _log(out, record, writer)
-        if step % cfg.output.checkpoint_every == 0 or step == cfg.optim.max_steps:
+        if step % cfg.output.checkpoint_every == 0 or step in (cfg.optim.max_steps, last):
             if rank == 0:
                 save_checkpoint(out, step, live, keep=cfg.output.keep_checkpoints)
             if world > 1:
@@ -180,7 +209,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, show_progress_bar: bool = T
     if writer is not None:
         writer.close()
     export = None
-    if cfg.output.export and rank == 0:
+    if cfg.output.export and rank == 0 and step == cfg.optim.max_steps:
         model.eval()
         export = out / "final"
         merge_adapters(model).save_pretrained(export)
