@@ -19,6 +19,8 @@ class TrainableConfig:
     """Attributes:
     lora: add LoRA (DoRA if `use_dora`) adapters to the LLM's `lora_targets`; the LLM base stays frozen.
     llm: train every LLM weight instead (from-scratch or full fine-tuning); excludes `lora`.
+    embeddings: also train the token embedding table (frozen by default, as officially; its 151,936 rows
+        make every step's gradient and optimiser update dense and slow).
     connector / vision / sam: train the connector, the Qwen ViT + merger, the SAM2 branch.
     """
 
@@ -29,6 +31,7 @@ class TrainableConfig:
     use_dora: bool = True
     lora_targets: tuple[str, ...] = OFFICIAL_TARGETS
     llm: bool = False
+    embeddings: bool = False
     connector: bool = True
     vision: bool = False
     sam: bool = False
@@ -60,6 +63,7 @@ def apply_trainable(model: VirtueModel, cfg: TrainableConfig) -> list[nn.Paramet
         model.qwen.language_model = LoraModel(model.qwen.language_model, lora, "default")
     if cfg.llm:
         model.qwen.language_model.requires_grad_(True)
+    model.qwen.language_model.get_input_embeddings().requires_grad_(cfg.embeddings)
     if cfg.vision:
         model.qwen.visual.requires_grad_(True)
     if model.connector is not None and cfg.connector:
