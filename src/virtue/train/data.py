@@ -7,9 +7,11 @@ image, captions are non-empty strings); a bad row is skipped and reported, or st
 Data sources, as written in a training config:
 
     data:
-      - {kind: scar, path: data/SCaR-Train, image_root: images/, hard_negatives: 9, limit: 100000}
-      - {kind: mmeb, path: data/MMEB-train/MSCOCO_i2t.parquet, image_root: images/, weight: 2}
-      - {kind: jsonl, path: my_pairs.jsonl}
+      sources:
+        - {kind: scar, path: data/SCaR-Train, image_root: images/, hard_negatives: 9, limit: 100000}
+        - {kind: mmeb, path: data/MMEB-train/MSCOCO_i2t.parquet, image_root: images/, weight: 2}
+        - {kind: jsonl, path: my_pairs.jsonl}
+        - {kind: synthetic, n: 4000, seed: 0, hard_negatives: 3}   # procedural, virtue.train.synthetic
 
 * `kind`: `scar` (SCaR-train parquet), `mmeb` (MMEB-train parquet) or `jsonl` (the format below).
 * `path`: one file, or a folder of `*.parquet` / `*.jsonl` files; each file is one subset named by its stem
