@@ -1,0 +1,500 @@
+"""Evaluation rows -> `EvalQuery`: SCaR-Eval (virtue-spec §5.3) and MMEB-eval (§5.4) parquet files.
+
+Every row is validated when it is loaded. Unlike training (`virtue.train.data`), evaluation never drops a row:
+a score over fewer rows is not the benchmark's score, so any bad row raises `DataError` naming the file, the
+row id (`"<file name>:<row index>"`) and the column.
+
+SCaR query variants (`load_scar_eval(variant=...)`), so that the harness can run ablations and baselines through
+the same model:
+
+| variant | image | visual prompt | bbox in the text |
+|---|---|---|---|
+| `box` (the paper's protocol) | whole image | the box (original-image pixels) | yes |
+| `mask` | whole image | the `segmentation` polygon | no |
+| `point` | whole image | the `point` column (one positive point) | no |
+| `no_box` | whole image | none (the model's k x k grid) | no |
+| `crop` | the box cropped out (in memory) | none | no |
+| `text_only` | none | none | yes (no image placeholder) |
+
+`mask` and `point` keep the bbox out of the text on purpose: with it, the text would carry the region and the
+variant would no longer measure the prompt. Prompts stay in pixels of the original image; the model's compat
+setting decides how they reach SAM's frame (virtue-spec §2.2, §10.2).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from virtue.errors import ConfigError, DataError, InputError, PromptError
+from virtue.inputs import EmbedInput
+from virtue.processing.text import DATASET_IMAGE_TOKEN, IMAGE_TOKEN, mmeb_candidate_text, mmeb_query_text
+from virtue.processing.text import with_image_token as _with_image_token
+from virtue.prompts import Box, Points, VisualPrompt
+from virtue.train.data import PolygonMask
+from virtue.train.examples import BadRow
+
+SCAR_SUBSETS = ("ADE20K", "COCO_Stuff", "RefCOCO_plus", "RefCOCOg", "VisualGenome")
+SCAR_VARIANTS = ("box", "mask", "point", "no_box", "crop", "text_only")
+SCAR_COLUMNS = ("qry_text", "qry_image_path", "tgt_text", "bbox")
+SCAR_OPTIONAL_COLUMNS = ("neg_types", "segmentation", "point")
+SCAR_NUM_CANDIDATES = 10
+MMEB_FAMILIES = ("cls", "i2t", "qa", "vg", "t2i")
+MMEB_COLUMNS = ("qry_text", "qry_img_path", "tgt_text")
+# `qry_inst` / `tgt_inst`: MMEB_Test_Instruct keeps the instruction apart; `tgt_img_path`: absent for text targets.
+MMEB_OPTIONAL_COLUMNS = ("qry_inst", "tgt_inst", "tgt_img_path")
+BBOX_PREFIX = "Referring object bbox: "
+SHOWN_BAD_ROWS = 5
+
+
+@dataclass(frozen=True, eq=False)
+class EvalQuery:
+    """One ranking problem: a query and its own candidates (the official `eval_type: local`, virtue-spec §8.1).
+
+    Attributes:
+        task: the task name given to the loader (e.g. "RefCOCOg", "ImageNet-1K").
+        row_id: `"<file name>:<row index>"` of the source row.
+        query: what is embedded on the query side.
+        candidates: text-only or image (+ text) inputs, ranked against the query.
+        positive: index of the ground truth in `candidates` (0 in both benchmarks' files).
+        candidate_kinds: per candidate, SCaR's `neg_types` ("gt", "global_context", ...) when the file has them.
+    """
+
+    task: str
+    row_id: str
+    query: EmbedInput
+    candidates: list[EmbedInput]
+    positive: int = 0
+    candidate_kinds: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.candidates:
+            raise DataError(f"{self.task} row {self.row_id}: no candidates")
+        if not 0 <= self.positive < len(self.candidates):
+            raise DataError(
+                f"{self.task} row {self.row_id}: positive {self.positive} not in [0, {len(self.candidates)})"
+            )
+        if self.candidate_kinds is not None and len(self.candidate_kinds) != len(self.candidates):
+            raise DataError(
+                f"{self.task} row {self.row_id}: {len(self.candidate_kinds)} candidate kinds "
+                f"for {len(self.candidates)} candidates"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Query texts
+
+
+def scar_eval_query_text(qry_text: str, bbox_xywh: Sequence[float] | None, *, with_image: bool = True) -> str:
+    """The SCaR evaluation query exactly as the official eval builds it (virtue-spec §5.3).
+
+    bbox_xywh: COCO [x, y, w, h]; written as `Referring object bbox: [x, y, x + w, y + h]` (ints stay ints).
+        None leaves the bbox line out (the instruction alone).
+    with_image: False drops the image placeholder and the whitespace before the instruction (text-only query).
+    """
+    # process_input_text("", text=qry_text, add_image_token=True): token, space, empty instruction, space, text.
+    text = IMAGE_TOKEN + " " + "" + " " + qry_text.replace(DATASET_IMAGE_TOKEN, "")
+    text = text.replace(" \n", "\n") + "\n"
+    if bbox_xywh is not None:
+        x, y, w, h = (v.item() if isinstance(v, np.generic) else v for v in bbox_xywh)
+        text += BBOX_PREFIX + str([x, y, x + w, y + h])
+    return text if with_image else text.replace(IMAGE_TOKEN, "", 1).lstrip()
+
+
+def _mmeb_image_candidate_text(instruction: str | None, entry: str, family: str) -> str:
+    """An MMEB image candidate's text (virtue-spec §5.4).
+
+    Assumptions, where the rows do not say: an entry holding `<|image_1|>` is the whole candidate text (the MMEB-eval
+    v1 layout) and only has its token swapped; without a `tgt_inst` column, `mmeb_candidate_text`'s default
+    instruction is used with the entry as caption.
+    """
+    if DATASET_IMAGE_TOKEN in entry:
+        return entry.replace(DATASET_IMAGE_TOKEN, IMAGE_TOKEN)
+    if instruction is None:
+        return mmeb_candidate_text(caption=entry)
+    # Not `mmeb_candidate_text`: the official code folds " \n" (tgt_inst starts with "\n" once its token is gone),
+    # and keeps an empty instruction.
+    prompt = instruction.replace(DATASET_IMAGE_TOKEN, "")
+    if entry:
+        prompt += " " + entry
+    text = (IMAGE_TOKEN + " " + prompt).replace(" \n", "\n")
+    # The i2i / VG image-only candidates are the one case without the trailing newline.
+    return text if family == "vg" and not entry.strip() else text + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row checks
+
+
+class _BadValue(Exception):
+    """A row check failed; collected into a `BadRow` for the file's `DataError`."""
+
+    def __init__(self, column: str, reason: str):
+        super().__init__(reason)
+        self.column = column
+        self.reason = reason
+
+
+class _Images:
+    """Image sizes from file headers, cached (SCaR has several queries per image), and crops."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._sizes: dict[Path, tuple[int, int]] = {}
+
+    def path(self, value: Any, column: str) -> Path:
+        if not isinstance(value, str) or not value.strip():
+            raise _BadValue(column, f"expected an image path, got {value!r}")
+        return self.root / value
+
+    def size(self, path: Path, column: str) -> tuple[int, int]:
+        if path not in self._sizes:
+            self._sizes[path] = _read_size(path, column)
+        return self._sizes[path]
+
+    @staticmethod
+    def crop(path: Path, box: Box, column: str) -> Image.Image:
+        try:
+            with Image.open(path) as img:
+                return img.crop(box.xyxy)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise _BadValue(column, f"cannot decode {path} ({exc})") from None
+
+
+def _read_size(path: Path, column: str) -> tuple[int, int]:
+    if not path.is_file():
+        raise _BadValue(column, f"image file not found: {path}")
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except (UnidentifiedImageError, OSError) as exc:
+        raise _BadValue(column, f"cannot read {path} as an image ({exc})") from None
+    if width == 0 or height == 0:
+        raise _BadValue(column, f"image {path} is empty ({width}x{height})")
+    return width, height
+
+
+def _listed(value: Any, column: str) -> list[Any]:
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if not isinstance(value, (list, tuple)):
+        raise _BadValue(column, f"expected a list, got {type(value).__name__}")
+    return list(value)
+
+
+def _numbers(value: Any, count: int, column: str, what: str) -> list[float]:
+    """Exactly `count` finite numbers (python scalars, so that they print as the official code prints them)."""
+    items = _listed(value, column) if value is not None else None
+    ok = items is not None and len(items) == count
+    ok = ok and all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in items)
+    ok = ok and all(math.isfinite(v) for v in items)
+    if not ok:
+        raise _BadValue(column, f"expected {count} finite numbers {what}, got {value!r}")
+    return [v.item() if isinstance(v, np.generic) else v for v in items]
+
+
+def _string(value: Any, column: str, *, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise _BadValue(column, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise _BadValue(column, "empty text")
+    return value
+
+
+def _checked_prompt(part: Any, size: tuple[int, int], column: str) -> None:
+    try:
+        part.validate(size)
+    except PromptError as exc:
+        raise _BadValue(column, str(exc)) from None
+
+
+def _checked_tokens(side: EmbedInput, column: str) -> EmbedInput:
+    """One image placeholder iff there is an image, as the collator will require."""
+    try:
+        _with_image_token(side.text, side.has_image, column)
+    except InputError as exc:
+        raise _BadValue(column, str(exc)) from None
+    return side
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files
+
+
+def _open_parquet(path: Path, required: Sequence[str], optional: Sequence[str]) -> tuple[Any, list[str]]:
+    """The parquet file and the columns to read; a missing required column is a `DataError` listing both sets."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise ConfigError(f"path: file not found: {path}")
+    try:
+        file = pq.ParquetFile(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read as parquet ({exc})") from exc
+    found = file.schema_arrow.names
+    missing = [c for c in required if c not in found]
+    if missing:
+        raise DataError(f"{path}: missing required column(s) {missing}; the file has {found}")
+    return file, [c for c in (*required, *optional) if c in found]
+
+
+def _rows(file: Any, columns: list[str], limit: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
+    # Batches: with `limit`, a 17k-row subset is only read up to its first N rows.
+    index = 0
+    for batch in file.iter_batches(256, columns=columns):
+        for row in batch.to_pylist():
+            if limit is not None and index >= limit:
+                return
+            yield index, row
+            index += 1
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit: expected an integer >= 1 or None, got {limit!r}")
+
+
+def _load(
+    path: Path, task: str, rows: Iterator[tuple[int, dict[str, Any]]], convert: Callable[[dict[str, Any]], Any]
+) -> list[EvalQuery]:
+    """Convert every row; collect all bad rows first so that one error lists them, then raise."""
+    queries: list[EvalQuery] = []
+    bad: list[BadRow] = []
+    for index, row in rows:
+        row_id = f"{path.name}:{index}"
+        try:
+            query, candidates, kinds = convert(row)
+        except _BadValue as exc:
+            bad.append(BadRow(task, row_id, exc.column, exc.reason))
+            continue
+        queries.append(EvalQuery(task, row_id, query, candidates, 0, kinds))
+    if bad:
+        first = "; ".join(str(b) for b in bad[:SHOWN_BAD_ROWS])
+        raise DataError(f"{path}: {len(bad)} bad row(s), and evaluation drops none; first: {first}")
+    if not queries:
+        raise DataError(f"{path}: no rows")
+    return queries
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SCaR-Eval
+
+
+def find_scar_files(root: Path) -> dict[str, Path]:
+    """The SCaR-Eval files in `root`, keyed by the released stem (`SCaR_eval_RefCOCOg`), in `SCAR_SUBSETS` order.
+
+    Accepts the released names `SCaR_eval_<X>.parquet` and the official eval's renamed `SCAR_<X>_val_filtered.parquet`
+    (virtue-spec §5.3). Both names for one subset is an error: they could hold different versions.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"SCaR root: folder not found: {root}")
+    found: dict[str, Path] = {}
+    for subset in SCAR_SUBSETS:
+        names = (f"SCaR_eval_{subset}.parquet", f"SCAR_{subset}_val_filtered.parquet")
+        paths = [root / n for n in names if (root / n).is_file()]
+        if len(paths) > 1:
+            raise ConfigError(f"SCaR root {root}: both {names[0]} and {names[1]} exist; keep one")
+        if paths:
+            found[f"SCaR_eval_{subset}"] = paths[0]
+    if not found:
+        raise ConfigError(
+            f"SCaR root {root}: no SCaR_eval_<X>.parquet or SCAR_<X>_val_filtered.parquet, X in {SCAR_SUBSETS}"
+        )
+    return found
+
+
+def load_scar_eval(
+    path: Path, image_root: Path, *, task: str, variant: str = "box", limit: int | None = None
+) -> list[EvalQuery]:
+    """Read a SCaR-Eval parquet into queries with the 10 captions as text-only candidates (ground truth first).
+
+    image_root: folder that `qry_image_path` is relative to.
+    variant: what the query gets (module docstring table); "mask" and "point" need the `segmentation` / `point`
+        column (`ConfigError` otherwise).
+    limit: keep the first N rows.
+
+    Raises:
+        DataError: missing columns, or bad rows (unreadable image, bbox outside the image or of zero area,
+            not 10 non-empty captions, ...), each named by row id and column.
+    """
+    if variant not in SCAR_VARIANTS:
+        raise ConfigError(f"variant: expected one of {list(SCAR_VARIANTS)}, got {variant!r}")
+    _check_limit(limit)
+    path = Path(path)
+    file, columns = _open_parquet(path, SCAR_COLUMNS, SCAR_OPTIONAL_COLUMNS)
+    needed = {"mask": "segmentation", "point": "point"}.get(variant)
+    if needed is not None and needed not in columns:
+        raise ConfigError(f"variant {variant!r}: {path} has no {needed!r} column")
+    images = _Images(Path(image_root))
+    return _load(path, task, _rows(file, columns, limit), partial(_scar_row, images=images, variant=variant))
+
+
+@dataclass(frozen=True)
+class _ScarRow:
+    """The checked parts of one SCaR row that every variant builds its query from."""
+
+    qry_text: str
+    bbox: list[float]  # COCO [x, y, w, h], python numbers as the row holds them
+    box: Box
+    image: Path
+    size: tuple[int, int]
+    row: dict[str, Any]
+
+
+def _scar_row(row: dict[str, Any], images: _Images, variant: str) -> tuple[EmbedInput, list[EmbedInput], Any]:
+    qry_text = _string(row.get("qry_text"), "qry_text")
+    candidates = [EmbedInput(text=t) for t in _scar_captions(row.get("tgt_text"))]
+    bbox = _numbers(row.get("bbox"), 4, "bbox", "[x, y, w, h]")
+    image = images.path(row.get("qry_image_path"), "qry_image_path")
+    size = images.size(image, "qry_image_path")
+    checked = _ScarRow(qry_text, bbox, _scar_box(bbox, size), image, size, row)
+    query = _checked_tokens(_scar_query(checked, images, variant), "qry_text")
+    return query, candidates, _scar_kinds(row.get("neg_types"))
+
+
+def _scar_captions(value: Any) -> list[str]:
+    captions = _listed(value, "tgt_text")
+    if len(captions) != SCAR_NUM_CANDIDATES:
+        raise _BadValue("tgt_text", f"expected {SCAR_NUM_CANDIDATES} candidates, got {len(captions)}")
+    return [_string(t, "tgt_text") for t in captions]
+
+
+def _scar_box(bbox: list[float], size: tuple[int, int]) -> Box:
+    if bbox[2] <= 0 or bbox[3] <= 0:
+        raise _BadValue("bbox", f"zero-area box [x, y, w, h] = {bbox}")
+    box = Box.from_xywh(bbox)
+    _checked_prompt(box, size, "bbox")
+    return box
+
+
+def _scar_kinds(value: Any) -> list[str] | None:
+    # neg_types is optional metadata (per-type accuracies); a malformed one is still a bad row, not ignored.
+    if value is None:
+        return None
+    kinds = _listed(value, "neg_types")
+    if len(kinds) != SCAR_NUM_CANDIDATES:
+        raise _BadValue("neg_types", f"expected {SCAR_NUM_CANDIDATES} entries, got {len(kinds)}")
+    return [_string(k, "neg_types") for k in kinds]
+
+
+def _scar_query(r: _ScarRow, images: _Images, variant: str) -> EmbedInput:
+    if variant == "box":
+        return EmbedInput(scar_eval_query_text(r.qry_text, r.bbox), r.image, VisualPrompt(box=r.box))
+    if variant == "text_only":
+        return EmbedInput(scar_eval_query_text(r.qry_text, r.bbox, with_image=False))
+    text = scar_eval_query_text(r.qry_text, None)
+    if variant == "no_box":
+        return EmbedInput(text, r.image)
+    if variant == "crop":
+        return EmbedInput(text, images.crop(r.image, r.box, "qry_image_path"))
+    if variant == "mask":
+        return EmbedInput(text, r.image, VisualPrompt(mask=_scar_mask(r.row.get("segmentation"), r.size)))
+    point = Points([_numbers(r.row.get("point"), 2, "point", "[x, y]")])
+    _checked_prompt(point, r.size, "point")
+    return EmbedInput(text, r.image, VisualPrompt(points=point))
+
+
+def _scar_mask(value: Any, size: tuple[int, int]) -> PolygonMask:
+    rings = _listed(value, "segmentation") if value is not None else []
+    if not rings:
+        raise _BadValue("segmentation", "no polygon; the 'mask' variant needs one per row")
+    width, height = size
+    for ring in rings:
+        items = _listed(ring, "segmentation")
+        if len(items) < 6 or len(items) % 2:
+            raise _BadValue("segmentation", "expected COCO polygons [[x1, y1, x2, y2, x3, y3, ...], ...]")
+        numbers = _numbers(items, len(items), "segmentation", "in a polygon")
+        xs, ys = numbers[0::2], numbers[1::2]
+        if min(xs) < 0 or min(ys) < 0 or max(xs) > width or max(ys) > height:
+            raise _BadValue("segmentation", f"polygon lies outside the {width}x{height} image")
+    return PolygonMask(rings, size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MMEB-eval
+
+
+def load_mmeb_eval(
+    path: Path, image_root: Path, *, task: str, family: str, limit: int | None = None
+) -> list[EvalQuery]:
+    """Read one MMEB-eval task parquet (VLM2Vec's `MMEB_Test_Instruct` / MMEB-eval layout), ground truth first.
+
+    Columns: `qry_text`, `qry_img_path`, `tgt_text` (list), and optionally `tgt_img_path` (list; absent or empty
+    entries mean text candidates), `qry_inst` and `tgt_inst`. Without `qry_inst`, `qry_text` holds the whole
+    instruction (the MMEB-eval v1 layout). Queries follow virtue-spec §5.4 through `mmeb_query_text`.
+
+    family: "cls", "i2t", "qa", "vg" (grounding and i2i) or "t2i" (text-only queries).
+    task: the MMEB task name; "VisDial" gets the extra trailing newline of the official t2i code.
+    """
+    if family not in MMEB_FAMILIES:
+        raise ConfigError(f"family: expected one of {list(MMEB_FAMILIES)}, got {family!r}")
+    _check_limit(limit)
+    path = Path(path)
+    file, columns = _open_parquet(path, MMEB_COLUMNS, MMEB_OPTIONAL_COLUMNS)
+    images = _Images(Path(image_root))
+    convert = partial(_mmeb_row, images=images, task=task, family=family)
+    return _load(path, task, _rows(file, columns, limit), convert)
+
+
+def _mmeb_row(row: dict[str, Any], images: _Images, task: str, family: str) -> tuple[EmbedInput, list, None]:
+    query = _checked_tokens(_mmeb_query(row, images, task, family), "qry_text")
+    texts = [_string(t, "tgt_text", allow_empty=True) for t in _listed(row.get("tgt_text"), "tgt_text")]
+    if not texts:
+        raise _BadValue("tgt_text", "no candidates")
+    paths = _mmeb_target_paths(row.get("tgt_img_path"), len(texts))
+    instruction = row.get("tgt_inst")
+    if instruction is not None:
+        instruction = _string(instruction, "tgt_inst", allow_empty=True)
+    candidates = [_mmeb_candidate(t, p, instruction, images, family) for t, p in zip(texts, paths, strict=True)]
+    return query, candidates, None
+
+
+def _mmeb_query(row: dict[str, Any], images: _Images, task: str, family: str) -> EmbedInput:
+    path = _string(row.get("qry_img_path") or "", "qry_img_path", allow_empty=True)
+    text = _string(row.get("qry_text") or "", "qry_text", allow_empty=True)
+    instruction = row.get("qry_inst")
+    if instruction is None:  # v1 layout: qry_text is "<|image_1|>\n<instruction> <text>"
+        instruction, text = text, ""
+    instruction = _string(instruction, "qry_inst", allow_empty=True)
+    if family == "t2i" and path:
+        raise _BadValue("qry_img_path", "family 't2i' has text-only queries, but the row has an image")
+    image = None
+    if path:
+        image = images.path(path, "qry_img_path")
+        images.size(image, "qry_img_path")
+    query_text = mmeb_query_text(instruction, text, with_image=image is not None, family=family)
+    if family == "t2i" and task == "VisDial":
+        query_text += "\n"  # the official t2i code adds it "to be consistent with v1"
+    if image is None and not query_text.strip():
+        raise _BadValue("qry_text", "empty text and no image")
+    return EmbedInput(query_text, image)
+
+
+def _mmeb_target_paths(value: Any, count: int) -> list[str]:
+    if value is None:
+        return [""] * count
+    paths = [_string(p or "", "tgt_img_path", allow_empty=True) for p in _listed(value, "tgt_img_path")]
+    if not paths:
+        return [""] * count
+    if len(paths) != count:
+        raise _BadValue("tgt_img_path", f"{len(paths)} image paths for {count} tgt_text entries")
+    return paths
+
+
+def _mmeb_candidate(text: str, path: str, instruction: str | None, images: _Images, family: str) -> EmbedInput:
+    if not path:
+        if not text.strip():
+            raise _BadValue("tgt_text", "empty text and no image")
+        return _checked_tokens(EmbedInput(text), "tgt_text")
+    image = images.path(path, "tgt_img_path")
+    images.size(image, "tgt_img_path")
+    side = EmbedInput(_mmeb_image_candidate_text(instruction, text, family), image)
+    return _checked_tokens(side, "tgt_text")

@@ -1,0 +1,95 @@
+"""On-disk embedding cache for evaluation.
+
+A vector is stored under a key that covers everything it depends on: the model fingerprint (its config and
+a hash of every weight), the input's content (text, the image file's bytes or pixels, the prompt) and the
+preprocessing settings (e.g. the 1344x1344 pre-resize). A changed model or a changed data file therefore
+misses instead of being served stale (the official eval reuses pickles by dataset name, spec §10.18).
+SQLite keeps every committed batch, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from virtue.inputs import EmbedInput
+from virtue.processing.images import image_digest, load_image
+
+
+def model_fingerprint(model: torch.nn.Module, config_json: str) -> str:
+    """sha256 over the config and every parameter and buffer (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256(config_json.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:32]
+
+
+class InputKeys:
+    """Content keys of inputs; a file's digest is computed once per path and modification time."""
+
+    def __init__(self, settings: dict):
+        self.settings = json.dumps(settings, sort_keys=True, default=str)
+        self._files: dict[tuple[str, int, int], str] = {}
+
+    def key(self, item: EmbedInput) -> str:
+        h = hashlib.sha256(self.settings.encode())
+        h.update(b"text:" + (item.text if item.text is not None else "\0none").encode())
+        if item.image is not None:
+            h.update(b"image:" + self._image(item.image).encode())
+        if item.prompt is not None:
+            points, box, mask = item.prompt.fingerprint()
+            h.update(f"prompt:{points}:{box}".encode())
+            if item.prompt.mask is not None:
+                h.update(np.packbits(item.prompt.mask.array).tobytes())
+        return h.hexdigest()
+
+    def _image(self, image) -> str:
+        if isinstance(image, (str, Path)):
+            path = Path(image)
+            stat = path.stat()
+            sig = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+            if sig not in self._files:
+                self._files[sig] = hashlib.sha256(path.read_bytes()).hexdigest()
+            return self._files[sig]
+        return image_digest(load_image(image))
+
+
+class EmbeddingCache:
+    """key -> float32 vector, in one SQLite file per model fingerprint."""
+
+    def __init__(self, cache_dir: str | Path, fingerprint: str):
+        path = Path(cache_dir) / f"embeddings-{fingerprint}.sqlite"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(str(path))
+        self.db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
+
+    def get_many(self, keys: list[str]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        for start in range(0, len(keys), 500):
+            part = keys[start : start + 500]
+            rows = self.db.execute(
+                f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(part))})", part
+            ).fetchall()
+            found.update({k: np.frombuffer(v, dtype=np.float32) for k, v in rows})
+        return found
+
+    def put_many(self, items: dict[str, np.ndarray]) -> None:
+        self.db.executemany(
+            "INSERT OR REPLACE INTO emb (key, vec) VALUES (?, ?)",
+            [(k, np.asarray(v, np.float32).tobytes()) for k, v in items.items()],
+        )
+        self.db.commit()  # each batch is durable: an interrupted run keeps what it finished
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM emb").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
