@@ -18,7 +18,8 @@ the same model:
 
 `mask` and `point` keep the bbox out of the text on purpose: with it, the text would carry the region and the
 variant would no longer measure the prompt. Prompts stay in pixels of the original image; the model's compat
-setting decides how they reach SAM's frame (virtue-spec §2.2, §10.2).
+setting decides how they reach SAM's frame (virtue-spec §2.2, §10.2). `crop` decodes every image when the file
+is loaded and keeps the crops in memory (about 18k for COCO-Stuff): use `limit` or one subset at a time.
 """
 
 from __future__ import annotations
@@ -47,11 +48,27 @@ SCAR_COLUMNS = ("qry_text", "qry_image_path", "tgt_text", "bbox")
 SCAR_OPTIONAL_COLUMNS = ("neg_types", "segmentation", "point")
 SCAR_NUM_CANDIDATES = 10
 MMEB_FAMILIES = ("cls", "i2t", "qa", "vg", "t2i")
+# Which official parser (image_cls / _qa / _i2t / _t2i / _i2i_vg) builds each of the 36 MMEB tasks' texts (§5.4).
+# The meta-tasks do not decide it: "Retrieval" holds i2t, t2i and i2i tasks.
+_MMEB_TASKS_BY_FAMILY: dict[str, tuple[str, ...]] = {
+    "cls": ("ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "Place365", "ImageNet-A", "ImageNet-R",
+            "ObjectNet", "Country211"),
+    "qa": ("OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W", "ScienceQA", "VizWiz", "GQA",
+           "TextVQA"),
+    "i2t": ("MSCOCO_i2t", "VisualNews_i2t"),
+    "t2i": ("VisDial", "MSCOCO_t2i", "VisualNews_t2i", "WebQA", "EDIS", "Wiki-SS-NQ"),
+    "vg": ("CIRR", "NIGHTS", "OVEN", "FashionIQ", "MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"),
+}  # fmt: skip
+MMEB_FAMILY_BY_TASK: dict[str, str] = {t: f for f, tasks in _MMEB_TASKS_BY_FAMILY.items() for t in tasks}
+MMEB_META_TASKS = ("Classification", "VQA", "Retrieval", "Grounding")
 MMEB_COLUMNS = ("qry_text", "qry_img_path", "tgt_text")
 # `qry_inst` / `tgt_inst`: MMEB_Test_Instruct keeps the instruction apart; `tgt_img_path`: absent for text targets.
 MMEB_OPTIONAL_COLUMNS = ("qry_inst", "tgt_inst", "tgt_img_path")
 BBOX_PREFIX = "Referring object bbox: "
 SHOWN_BAD_ROWS = 5
+
+# What a row becomes: the query, its candidates and their kinds (SCaR's neg_types).
+_Converted = tuple[EmbedInput, list[EmbedInput], list[str] | None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -262,7 +279,7 @@ def _check_limit(limit: int | None) -> None:
 
 
 def _load(
-    path: Path, task: str, rows: Iterator[tuple[int, dict[str, Any]]], convert: Callable[[dict[str, Any]], Any]
+    path: Path, task: str, rows: Iterator[tuple[int, dict[str, Any]]], convert: Callable[[dict[str, Any]], _Converted]
 ) -> list[EvalQuery]:
     """Convert every row; collect all bad rows first so that one error lists them, then raise."""
     queries: list[EvalQuery] = []
@@ -349,7 +366,7 @@ class _ScarRow:
     row: dict[str, Any]
 
 
-def _scar_row(row: dict[str, Any], images: _Images, variant: str) -> tuple[EmbedInput, list[EmbedInput], Any]:
+def _scar_row(row: dict[str, Any], images: _Images, variant: str) -> _Converted:
     qry_text = _string(row.get("qry_text"), "qry_text")
     candidates = [EmbedInput(text=t) for t in _scar_captions(row.get("tgt_text"))]
     bbox = _numbers(row.get("bbox"), 4, "bbox", "[x, y, w, h]")
@@ -422,8 +439,23 @@ def _scar_mask(value: Any, size: tuple[int, int]) -> PolygonMask:
 # MMEB-eval
 
 
+def mmeb_family(task: str, family: str | None = None) -> str:
+    """The text family of an MMEB task: `family` when it is one, else looked up by task name.
+
+    family: one of `MMEB_FAMILIES`; None or a meta-task name ("Classification", ..., "Retrieval") looks the task
+        up in `MMEB_FAMILY_BY_TASK`, since a meta-task does not decide the family.
+    """
+    if family in MMEB_FAMILIES:
+        return family
+    if family is not None and family not in MMEB_META_TASKS:
+        raise ConfigError(f"family: expected one of {list(MMEB_FAMILIES)}, a meta-task or None, got {family!r}")
+    if task not in MMEB_FAMILY_BY_TASK:
+        raise ConfigError(f"task {task!r}: not an MMEB task name; pass family= one of {list(MMEB_FAMILIES)}")
+    return MMEB_FAMILY_BY_TASK[task]
+
+
 def load_mmeb_eval(
-    path: Path, image_root: Path, *, task: str, family: str, limit: int | None = None
+    path: Path, image_root: Path, *, task: str, family: str | None = None, limit: int | None = None
 ) -> list[EvalQuery]:
     """Read one MMEB-eval task parquet (VLM2Vec's `MMEB_Test_Instruct` / MMEB-eval layout), ground truth first.
 
@@ -431,11 +463,11 @@ def load_mmeb_eval(
     entries mean text candidates), `qry_inst` and `tgt_inst`. Without `qry_inst`, `qry_text` holds the whole
     instruction (the MMEB-eval v1 layout). Queries follow virtue-spec §5.4 through `mmeb_query_text`.
 
-    family: "cls", "i2t", "qa", "vg" (grounding and i2i) or "t2i" (text-only queries).
     task: the MMEB task name; "VisDial" gets the extra trailing newline of the official t2i code.
+    family: "cls", "i2t", "qa", "vg" (grounding and i2i) or "t2i" (text-only queries); None or a meta-task name
+        takes the task's official family (`mmeb_family`).
     """
-    if family not in MMEB_FAMILIES:
-        raise ConfigError(f"family: expected one of {list(MMEB_FAMILIES)}, got {family!r}")
+    family = mmeb_family(task, family)
     _check_limit(limit)
     path = Path(path)
     file, columns = _open_parquet(path, MMEB_COLUMNS, MMEB_OPTIONAL_COLUMNS)
@@ -444,7 +476,7 @@ def load_mmeb_eval(
     return _load(path, task, _rows(file, columns, limit), convert)
 
 
-def _mmeb_row(row: dict[str, Any], images: _Images, task: str, family: str) -> tuple[EmbedInput, list, None]:
+def _mmeb_row(row: dict[str, Any], images: _Images, task: str, family: str) -> _Converted:
     query = _checked_tokens(_mmeb_query(row, images, task, family), "qry_text")
     texts = [_string(t, "tgt_text", allow_empty=True) for t in _listed(row.get("tgt_text"), "tgt_text")]
     if not texts:
