@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -20,6 +21,8 @@ PRIMARY_METRIC = "hit@1"  # = Precision@1 with one positive: the paper's reporte
 PAPER_RESULTS_FILE = "paper_results.json"
 DEFAULT_PAPER_SETTING = "base"
 _MISSING = "–"
+# Metrics that are fractions in [0, 1]; "n" (a count) and unknown extra metrics are not range-checked.
+_FRACTION_METRIC = re.compile(r"^(?:(?:hit|recall|ndcg|precision)@\d+|mrr)$")
 
 
 @dataclass
@@ -28,21 +31,36 @@ class EvalReport:
 
     Attributes:
         model: model name or path, e.g. "Sony/VIRTUE-2B-SCaR".
-        fingerprint: the model fingerprint that keys the embedding cache ("" if unknown).
+        fingerprint: the model fingerprint that keys the embedding cache (None if unknown).
         settings: the eval settings (JSON-serialisable): compat flags, batch size, query limit, ...
         tasks: task name -> `ranking_metrics` dict (fractions in [0, 1], plus "n" queries).
         aggregates: `tasks.aggregate` of the per-task hit@1 (fractions, plus "n_tasks/<aggregate>").
         baselines: baseline name -> task name -> metrics dict (same units as ``tasks``).
-        timings: name -> seconds, e.g. {"embed_s": 12.5, "total_s": 40.2}.
+        timings: name -> number; the name carries the unit, e.g. {"embed_s": 12.5, "encoded_inputs": 900}.
+
+    Raises:
+        ValueError: a hit@k / recall@k / nDCG@k / precision@k / MRR or an aggregate outside [0, 1] (percentages
+            passed by mistake would print as 5600.0) or NaN.
     """
 
     model: str
-    fingerprint: str
+    fingerprint: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)
     aggregates: dict[str, float] = field(default_factory=dict)
     baselines: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = [(f"tasks[{t!r}]", m) for t, m in self.tasks.items()]
+        checks += [(f"baselines[{b!r}][{t!r}]", m) for b, per in self.baselines.items() for t, m in per.items()]
+        for where, metrics in checks:
+            for key, value in metrics.items():
+                if _FRACTION_METRIC.match(key):
+                    _check_fraction(f"{where}[{key!r}]", value)
+        for key, value in self.aggregates.items():
+            if not key.startswith(N_TASKS_PREFIX):
+                _check_fraction(f"aggregates[{key!r}]", value)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,12 +70,16 @@ class EvalReport:
         """Inverse of `to_dict`; extra keys (such as the "paper" block of results.json) are ignored.
 
         Raises:
-            DataError: "model" or "fingerprint" is missing.
+            DataError: "model" is missing.
         """
-        missing = [k for k in ("model", "fingerprint") if k not in data]
-        if missing:
-            raise DataError(f"eval report: missing keys {missing}; found {sorted(data)}")
+        if "model" not in data:
+            raise DataError(f"eval report: missing key 'model'; found {sorted(data)}")
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+def _check_fraction(where: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"{where} = {value!r}: expected a fraction in [0, 1] (metrics are not stored x100)")
 
 
 def paper_results() -> dict[str, Any]:
@@ -134,6 +156,7 @@ def _paper_column(report: EvalReport, model: str | None, setting: str | None) ->
 def _fmt(value: float | None, signed: bool = False) -> str:
     if value is None or math.isnan(value):
         return _MISSING
+    value = round(value, 1) + 0.0  # + 0.0 turns -0.0 into 0.0, so a zero difference never prints as "-0.0"
     return f"{value:+.1f}" if signed else f"{value:.1f}"
 
 
@@ -196,7 +219,7 @@ def render_markdown(report: EvalReport, paper: PaperColumn | None = None) -> str
     if report.baselines:
         lines += ["", f"## Baselines ({PRIMARY_METRIC} ×100)", "", *_baselines_table(report)]
     if report.timings:
-        lines += ["", "Timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.timings.items())]
+        lines += ["", "Timings: " + ", ".join(f"{k}={round(v, 2):g}" for k, v in report.timings.items())]
     if paper:
         lines += ["", *(f"Paper source: {s}." for s in paper.sources), *(f"Note: {n}" for n in paper.notes)]
     return "\n".join(lines) + "\n"
@@ -227,6 +250,7 @@ def plot_report(report: EvalReport, paper: PaperColumn | None, path: Path) -> Pa
         ax.bar([i + width / 2 for i in x], theirs, width, label=f"paper ({paper.model}, {paper.setting})")
     ax.set_xticks(x, labels, rotation=45, ha="right")
     ax.set_ylabel(f"{PRIMARY_METRIC} (%)")
+    ax.set_title(f"{report.model}: {PRIMARY_METRIC} x100 per task, then aggregates")
     ax.set_ylim(0, 100)
     ax.legend()
     fig.tight_layout()
@@ -256,8 +280,10 @@ def write_report(
     paper = _paper_column(report, paper_model, paper_setting)
     paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
     payload = {**report.to_dict(), "paper": asdict(paper) if paper else None}
-    # allow_nan=False: a NaN metric is a bug upstream and must not reach a results file as invalid JSON.
-    paths["json"].write_text(json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False) + "\n", "utf-8")
+    # allow_nan=False: a NaN must fail here rather than reach a results file as invalid JSON; default=str writes
+    # settings such as paths as text.
+    text = json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False, default=str)
+    paths["json"].write_text(text + "\n", encoding="utf-8")
     paths["md"].write_text(render_markdown(report, paper), encoding="utf-8")
     plot_report(report, paper, paths["png"])
     return paths

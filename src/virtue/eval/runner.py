@@ -81,16 +81,14 @@ class Embedder:
         self.model, self.cfg = model, cfg
         self.resize = _resize(cfg, model)
         self.keys = InputKeys({"image_resize": self.resize})
-        self.cache = None
-        if cfg.cache_dir:
-            fingerprint = model_fingerprint(model, json.dumps(model.config.to_dict(), sort_keys=True))
-            self.cache = EmbeddingCache(cfg.cache_dir, fingerprint)
+        self.fingerprint = model_fingerprint(model, json.dumps(model.config.to_dict(), sort_keys=True))
+        self.cache = EmbeddingCache(cfg.cache_dir, self.fingerprint) if cfg.cache_dir else None
         self.encoded = 0
 
     def embed(self, items: list[EmbedInput], desc: str) -> np.ndarray:
         keys = [self.keys.key(x) for x in items]
         unique = dict.fromkeys(keys)
-        found = self.cache.get_many(list(unique)) if self.cache else {}
+        found = self.cache.get_many(list(unique)) if self.cache is not None else {}
         missing = [k for k in unique if k not in found]
         first = {k: items[i] for i, k in reversed(list(enumerate(keys)))}
         chunk = max(self.cfg.batch_size * 8, 64)  # commit often enough that an interruption loses little
@@ -101,7 +99,7 @@ class Embedder:
                                      image_resize=self.resize, show_progress_bar=False)
             new = dict(zip(part, vecs, strict=True))
             found.update(new)
-            if self.cache:
+            if self.cache is not None:
                 self.cache.put_many(new)
             self.encoded += len(part)
             bar.update(len(part))
@@ -167,9 +165,13 @@ def available_tasks(cfg: EvalConfig) -> list[TaskSpec]:
     return found
 
 
-def run_eval(model: VirtueModel, cfg: EvalConfig, model_name: str = "model"):
-    """Evaluate, write results.json / results.md / results.png under cfg.out_dir, return the report."""
-    from virtue.eval.report import EvalReport
+def run_eval(model: VirtueModel, cfg: EvalConfig, model_name: str = "model", paper_model: str | None = None):
+    """Evaluate, write results.json / results.md / results.png under cfg.out_dir, return the report.
+
+    paper_model: the paper row to compare with (e.g. "Sony/VIRTUE-2B-SCaR" or "VIRTUE-2B"); default: the
+    row of `model_name` when it names a released checkpoint.
+    """
+    from virtue.eval.report import EvalReport, write_report
 
     start = time.perf_counter()
     embedder = Embedder(model, cfg)
@@ -186,15 +188,27 @@ def run_eval(model: VirtueModel, cfg: EvalConfig, model_name: str = "model"):
                     continue  # region baselines only make sense where there is a region
                 ranks = score_queries(embedder, _load(task, cfg, name), f"{task.name}/{name}")
             base.setdefault(name, {})[task.name] = ranking_metrics(ranks)
-    hit1 = {t: m["hit@1"] * 100 for t, m in per_task.items()}
+    hit1 = {t: m["hit@1"] for t, m in per_task.items()}
     report = EvalReport(
         model=model_name,
-        fingerprint=embedder.cache.path.stem if embedder.cache else None,
+        fingerprint=embedder.fingerprint,
         settings={"benchmark": cfg.benchmark, "limit": cfg.limit, "image_resize": embedder.resize,
                   "compat": model.config.compat.__dict__, "data_root": cfg.data_root},
         tasks=per_task,
         aggregates=aggregate(hit1),
         baselines=base,
-        timings={"seconds": round(time.perf_counter() - start, 2), "encoded_inputs": embedder.encoded},
+        timings={"total_s": round(time.perf_counter() - start, 2), "encoded_inputs": embedder.encoded},
     )
+    if embedder.cache is not None:
+        embedder.cache.close()
+    write_report(report, Path(cfg.out_dir), paper_model=paper_model or _released_row(model_name))
     return report
+
+
+def _released_row(model_name: str) -> str | None:
+    """A released checkpoint's id (or its paper model name) selects its paper row; anything else none."""
+    from virtue.eval.report import paper_results
+
+    results = paper_results()
+    known = set(results["released_checkpoints"]) | set(results["models"])
+    return model_name if model_name in known else None
