@@ -32,8 +32,9 @@ TOKENIZER = REPO.parent / "shared/fixtures/virtue-official-tiny/checkpoint"
 def run_config(out: Path, args: argparse.Namespace, sam: bool) -> dict:
     return {
         "seed": args.seed,
-        "model": {"preset": "tiny", "tokenizer": str(TOKENIZER),
-                  "preset_args": {"hidden_size": args.hidden, "num_layers": args.layers, "sam_enabled": sam}},
+        "model": {"preset": "tiny", "tokenizer": str(args.tokenizer),
+                  "preset_args": {"hidden_size": args.hidden, "num_layers": args.layers, "sam_enabled": sam,
+                                  "vision_depth": args.vision_depth, "vision_dim": args.vision_dim}},
         "data": {"sources": [{"kind": "synthetic", "n": args.train_examples, "seed": args.seed,
                               "hard_negatives": args.hard_negatives}],
                  "global_batch_size": args.batch, "drop_visual_prompts": not sam},
@@ -62,7 +63,7 @@ def hit_at_1(model: VirtueModel, queries, sam: bool, batch_size: int = 32) -> fl
 def train_and_eval(args: argparse.Namespace, sam: bool) -> dict:
     cfg = TrainConfig.from_dict(run_config(Path(args.out) / ("sam" if sam else "text-box"), args, sam))
     start = time.perf_counter()
-    result = train(cfg, show_progress_bar=True)
+    result = train(cfg, show_progress_bar=not args.no_progress)
     train_s = time.perf_counter() - start
     model = result.model.eval()
     queries = synthetic_eval_queries(args.eval_queries, seed=args.seed)
@@ -73,6 +74,8 @@ def train_and_eval(args: argparse.Namespace, sam: bool) -> dict:
 def step_memory(args: argparse.Namespace, gradcache: bool) -> float:
     """Peak RSS (MiB) of training steps above the process after setup, in a fresh process per mode."""
     cmd = [sys.executable, __file__, "--memory-child", str(int(gradcache)), "--batch", str(args.batch),
+           "--tokenizer", str(args.tokenizer), "--vision-depth", str(args.vision_depth),
+           "--vision-dim", str(args.vision_dim),
            "--chunk", str(args.chunk), "--hidden", str(args.hidden), "--layers", str(args.layers),
            "--out", str(Path(args.out) / f"mem-{int(gradcache)}")]
     return float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
@@ -106,12 +109,16 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--vision-depth", type=int, default=1)
+    p.add_argument("--vision-dim", type=int, default=32)
     p.add_argument("--train-examples", type=int, default=4000)
     p.add_argument("--hard-negatives", type=int, default=3)
     p.add_argument("--eval-queries", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", choices=["sam", "text-box", "memory"], default=None)
     p.add_argument("--out", default=str(REPO / "outputs/bench-train"))
+    p.add_argument("--tokenizer", default=str(TOKENIZER), help="folder with the Qwen2 tokenizer files")
+    p.add_argument("--no-progress", action="store_true")
     p.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child is not None:

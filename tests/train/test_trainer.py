@@ -37,6 +37,8 @@ def test_resume_gives_the_same_losses(tmp_path):
     rest = train(cfg, resume=True, show_progress_bar=False)
     assert rest.steps == 6
     np.testing.assert_allclose(first.losses + rest.losses, straight.losses, rtol=0, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
     assert len(set(np.round(straight.losses, 4))) > 1  # the loss moves, so equality means something
 
 

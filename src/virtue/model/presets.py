@@ -14,6 +14,8 @@ def tiny_config(
     sam_dim: int = 32,
     points_per_side: int = 3,
     sam_enabled: bool = True,
+    vision_depth: int = 1,
+    vision_dim: int = 32,
     compat: CompatConfig | None = None,
 ) -> VirtueConfig:
     """A few-million-parameter VIRTUE (most of it the 151,936-token embedding) for the Qwen2 tokenizer.
@@ -37,7 +39,8 @@ def tiny_config(
                 vocab_size=151936,
                 rope_parameters={"rope_type": "default", "mrope_section": section, "rope_theta": 1e6},
             ),
-            vision_config=dict(depth=1, embed_dim=32, num_heads=2, hidden_size=hidden_size, mlp_ratio=2),
+            vision_config=dict(depth=vision_depth, embed_dim=vision_dim, num_heads=2, hidden_size=hidden_size,
+                               mlp_ratio=2),
             image_token_id=151655,
         ).to_dict()
     s = sam_image_size

@@ -164,6 +164,8 @@ def train(
             raise ConfigError(f"--resume: no checkpoint under {out}")
         step = load_checkpoint(found[-1], live)["step"]
         logger.info("resumed from %s at step %d", found[-1], step)
+        if rank == 0:
+            _truncate_metrics(out / "metrics.jsonl", step)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
@@ -214,6 +216,13 @@ def train(
         export = out / "final"
         merge_adapters(model).save_pretrained(export)
     return TrainResult(step, losses, export, model)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records of steps after the checkpoint: they are run again and logged again."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
 
 
 def _log(out: Path, record: dict, writer) -> None:
