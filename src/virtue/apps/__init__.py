@@ -1,0 +1,1 @@
+"""Applications built on `VirtueModel`: the interactive demo and serving helpers."""
