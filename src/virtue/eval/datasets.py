@@ -34,13 +34,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from virtue.errors import ConfigError, DataError, InputError, PromptError
+from virtue.errors import ConfigError, DataError
 from virtue.inputs import EmbedInput
 from virtue.processing.text import DATASET_IMAGE_TOKEN, IMAGE_TOKEN, mmeb_candidate_text, mmeb_query_text
-from virtue.processing.text import with_image_token as _with_image_token
 from virtue.prompts import Box, Points, VisualPrompt
-from virtue.train.data import PolygonMask
-from virtue.train.examples import BadRow
+from virtue.rows import BadRow, PolygonMask
+from virtue.rows import BadValue as _BadValue
+from virtue.rows import check_image_tokens as _checked_tokens
+from virtue.rows import check_prompt_part as _checked_prompt
 
 SCAR_SUBSETS = ("ADE20K", "COCO_Stuff", "RefCOCO_plus", "RefCOCOg", "VisualGenome")
 SCAR_VARIANTS = ("box", "mask", "point", "no_box", "crop", "text_only")
@@ -150,15 +151,6 @@ def _mmeb_image_candidate_text(instruction: str | None, entry: str, family: str)
 # Row checks
 
 
-class _BadValue(Exception):
-    """A row check failed; collected into a `BadRow` for the file's `DataError`."""
-
-    def __init__(self, column: str, reason: str):
-        super().__init__(reason)
-        self.column = column
-        self.reason = reason
-
-
 class _Images:
     """Image sizes from file headers, cached (SCaR has several queries per image), and crops."""
 
@@ -223,22 +215,6 @@ def _string(value: Any, column: str, *, allow_empty: bool = False) -> str:
     if not allow_empty and not value.strip():
         raise _BadValue(column, "empty text")
     return value
-
-
-def _checked_prompt(part: Any, size: tuple[int, int], column: str) -> None:
-    try:
-        part.validate(size)
-    except PromptError as exc:
-        raise _BadValue(column, str(exc)) from None
-
-
-def _checked_tokens(side: EmbedInput, column: str) -> EmbedInput:
-    """One image placeholder iff there is an image, as the collator will require."""
-    try:
-        _with_image_token(side.text, side.has_image, column)
-    except InputError as exc:
-        raise _BadValue(column, str(exc)) from None
-    return side
 
 
 # ---------------------------------------------------------------------------------------------------------------

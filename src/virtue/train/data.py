@@ -60,18 +60,22 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from functools import cached_property, partial
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from virtue.errors import ConfigError, DataError, InputError, PromptError
+from virtue.errors import ConfigError, DataError, InputError
 from virtue.inputs import EmbedInput, parse_input
-from virtue.processing.text import DATASET_IMAGE_TOKEN, IMAGE_TOKEN, scar_train_query_text, with_image_token
-from virtue.prompts import Box, Mask, VisualPrompt
-from virtue.train.examples import BadRow, TrainExample
+from virtue.processing.text import DATASET_IMAGE_TOKEN, IMAGE_TOKEN, scar_train_query_text
+from virtue.prompts import Box, VisualPrompt
+from virtue.rows import BadRow, PolygonMask
+from virtue.rows import BadValue as _BadValue
+from virtue.rows import check_image_tokens as _check_tokens
+from virtue.rows import check_prompt_part as _check_part
+from virtue.train.examples import TrainExample
 
 logger = logging.getLogger(__name__)
 
@@ -318,15 +322,6 @@ def _read_jsonl(path: Path, source: DataSource, sizes: _ImageSizes, collector: _
 # Collecting good and bad rows
 
 
-class _BadValue(Exception):
-    """Raised by a row check; becomes a `BadRow`, or a `DataError` when on_bad_row is "error"."""
-
-    def __init__(self, column: str, reason: str):
-        super().__init__(reason)
-        self.column = column
-        self.reason = reason
-
-
 class _Collector:
     """Groups the examples of one source by subset, applies `limit`, and reports bad rows."""
 
@@ -434,21 +429,6 @@ def _numbers(value: Any) -> list[float] | None:
     return list(value) if ok else None
 
 
-def _check_part(part: Any, size: tuple[int, int], column: str) -> None:
-    try:
-        part.validate(size)
-    except PromptError as exc:
-        raise _BadValue(column, str(exc)) from None
-
-
-def _check_tokens(side: EmbedInput, column: str) -> None:
-    """At most one image placeholder, and none without an image, as the collator will require."""
-    try:
-        with_image_token(side.text, side.has_image, column)
-    except InputError as exc:
-        raise _BadValue(column, str(exc)) from None
-
-
 def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
@@ -465,33 +445,6 @@ def _first_negatives(values: list[Any], count: int, column: str) -> list[Any]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # SCaR-train
-
-
-class PolygonMask(Mask):
-    """A `Mask` drawn from COCO polygons on first use; its shape and bounds are checked when the row is loaded.
-
-    Drawn lazily because 100k full-size boolean masks per subset would not fit in memory.
-    """
-
-    polygons: tuple[tuple[float, ...], ...]
-    size_wh: tuple[int, int]
-
-    def __init__(self, polygons: Sequence[Sequence[float]], size_wh: tuple[int, int]):
-        object.__setattr__(self, "polygons", tuple(tuple(float(v) for v in ring) for ring in polygons))
-        object.__setattr__(self, "size_wh", (int(size_wh[0]), int(size_wh[1])))
-
-    @cached_property
-    def array(self) -> np.ndarray:  # type: ignore[override]
-        canvas = Image.new("1", self.size_wh, 0)
-        draw = ImageDraw.Draw(canvas)
-        for ring in self.polygons:
-            draw.polygon(list(ring), fill=1, outline=1)
-        array = np.array(canvas, dtype=bool)
-        array.setflags(write=False)
-        return array
-
-    def __repr__(self) -> str:
-        return f"PolygonMask({len(self.polygons)} polygon(s), size_wh={self.size_wh})"
 
 
 def _bbox_xyxy(value: Any) -> tuple[float, float, float, float]:

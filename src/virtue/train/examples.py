@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from virtue.inputs import EmbedInput
+from virtue.rows import BadRow
+
+__all__ = ["BadRow", "TrainExample"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -24,16 +27,3 @@ class TrainExample:
     negatives: tuple[EmbedInput, ...] = field(default_factory=tuple)
     subset: str = "default"
     row_id: str = ""
-
-
-@dataclass(frozen=True)
-class BadRow:
-    """A source row that was rejected, with the reason; reported, never dropped silently."""
-
-    subset: str
-    row_id: str
-    column: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.subset} row {self.row_id}, column {self.column!r}: {self.reason}"
