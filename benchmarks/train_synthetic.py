@@ -101,7 +101,7 @@ def memory_child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1750)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--chunk", type=int, default=4, help="GradCache chunk (and the memory comparison's)")
     p.add_argument("--gradcache", action="store_true", help="train the accuracy runs with GradCache too "
@@ -111,8 +111,8 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.05)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--vision-depth", type=int, default=1)
-    p.add_argument("--vision-dim", type=int, default=32)
+    p.add_argument("--vision-depth", type=int, default=2)
+    p.add_argument("--vision-dim", type=int, default=64)
     p.add_argument("--train-examples", type=int, default=4000)
     p.add_argument("--hard-negatives", type=int, default=3)
     p.add_argument("--eval-queries", type=int, default=300)
