@@ -22,15 +22,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 FORMAT_VERSION = 1
 
 
-def _from_dict(cls, data: dict[str, Any], where: str):
-    """Build a dataclass from a dict, rejecting unknown keys by name."""
+def dataclass_from_dict(cls, data: dict[str, Any], where: str):
+    """Build a config dataclass from a dict, naming unknown keys and bad values."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected an object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(names)}")
-    return cls(**data)
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ class CompatConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompatConfig:
-        return _from_dict(cls, data, "compat")
+        return dataclass_from_dict(cls, data, "compat")
 
 
 @dataclass(frozen=True)
@@ -101,7 +104,7 @@ class ImageProcessingConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ImageProcessingConfig:
-        return _from_dict(cls, data, "image_processing")
+        return dataclass_from_dict(cls, data, "image_processing")
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ class SamBranchConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamBranchConfig:
-        return _from_dict(cls, data, "sam")
+        return dataclass_from_dict(cls, data, "sam")
 
 
 @dataclass(frozen=True)
@@ -204,7 +207,7 @@ class VirtueConfig:
         for key, build in sub.items():
             if key in data:
                 data[key] = build(data[key])
-        return _from_dict(cls, data, "config")
+        return dataclass_from_dict(cls, data, "config")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")

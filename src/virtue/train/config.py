@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from virtue.config import dataclass_from_dict
 from virtue.errors import ConfigError
 from virtue.train.adapters import TrainableConfig
 
@@ -124,7 +125,7 @@ class TrainConfig:
         kwargs: dict[str, Any] = {"seed": data.get("seed", 42)}
         for name, section in SECTIONS.items():
             if name in data:
-                kwargs[name] = _section(section, data[name] or {}, name)
+                kwargs[name] = dataclass_from_dict(section, data[name] or {}, name)
         if "model" not in kwargs or "data" not in kwargs:
             raise ConfigError("a training config needs 'model' and 'data' sections")
         return cls(**kwargs)
@@ -141,19 +142,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _section(cls, data: dict, name: str):
-    if not isinstance(data, dict):
-        raise ConfigError(f"{name}: expected a mapping, got {type(data).__name__}")
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ConfigError(f"{name}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-    try:
-        return cls(**data)
-    except TypeError as exc:
-        raise ConfigError(f"{name}: {exc}") from exc
 
 
 def apply_override(data: dict, item: str) -> None:
