@@ -14,8 +14,12 @@ def build_qwen(backbone: dict, attn_implementation: str = "sdpa") -> Qwen2VLMode
     config._attn_implementation = attn_implementation
     config.text_config._attn_implementation = attn_implementation
     config.vision_config._attn_implementation = attn_implementation
-    # Sub-models would otherwise be created in the checkpoint's stored dtype (bf16): use the caller's.
-    return Qwen2VLModel(config).to(torch.get_default_dtype())
+    # Sub-models would otherwise be created in the checkpoint's stored dtype (bf16): use the caller's, for the
+    # weights. Buffers (RoPE frequencies) stay as created, float32; whoever wants them cast casts the module.
+    model = Qwen2VLModel(config)
+    for p in model.parameters():
+        p.data = p.data.to(torch.get_default_dtype())
+    return model
 
 
 def pack_rows(

@@ -62,6 +62,9 @@ class VirtueModel(nn.Module):
             self.sam = SamBranch(config.sam.sam2, attn_implementation)
             self.connector = Connector(config.sam.dim, config.hidden_size, config.sam.reducer_kernel)
         self.processor = VirtueProcessor(config, tokenizer)
+        # Mixed precision as the official training runs it (virtue-spec §3): low-precision frozen weights,
+        # float32 trainables and SAM2, every forward under autocast to this dtype. None: no autocast.
+        self.autocast_dtype: torch.dtype | None = None
 
     # ----------------------------------------------------------------- loading and saving
     @classmethod
@@ -75,8 +78,11 @@ class VirtueModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         attn_implementation: str = "sdpa",
         allow_hub: bool = True,
+        merge_adapters: bool = True,
+        float32_modules: Sequence[str] = (),
     ) -> VirtueModel:
-        """Load the official released layout (e.g. "Sony/VIRTUE-2B-SCaR") or the library layout.
+        """Load the official released layout (e.g. "Sony/VIRTUE-2B-SCaR"), the library layout, or a training
+        checkpoint (`outputs/run/checkpoint-500`, written by `virtue train`).
 
         Args:
             name_or_path: a local directory or a hub repo id.
@@ -84,19 +90,102 @@ class VirtueModel(nn.Module):
                 checkpoints, which do not ship them; else found in the directory, then on the hub.
             compat: override the stored compatibility setting (official layout: `CompatConfig.official()`).
             dtype: weights dtype; float32 reproduces the official fp32 embeddings, bfloat16 for GPU speed.
+            merge_adapters: training checkpoints only: fold DoRA/LoRA adapters into the weights (fast, in
+                `dtype`); False keeps them apart, in float32 under the run's autocast: exactly the model as
+                it was at that step.
+            float32_modules: top-level modules ("sam", "connector") kept in float32 whatever `dtype` is
+                (mixed-precision training).
         Raises:
             CheckpointError (and subclasses) naming the file and what is wrong.
         """
         from virtue.checkpoints.loading import read_checkpoint
 
+        local = Path(name_or_path).expanduser()
+        if local.is_dir():
+            from virtue.train.checkpoint_model import is_training_checkpoint, load_training_checkpoint
+
+            if is_training_checkpoint(local):
+                return load_training_checkpoint(
+                    local, device=device, dtype=dtype, merge_adapters=merge_adapters, allow_hub=allow_hub,
+                    compat=compat, float32_modules=float32_modules,
+                )
         ckpt = read_checkpoint(name_or_path, sam_checkpoint=sam_checkpoint, allow_hub=allow_hub)
         config = ckpt.config if compat is None else ckpt.config.replace(compat=compat)
+        return cls._assemble(config, ckpt.tokenizer, ckpt.state_dict, ckpt.source, dtype=dtype, device=device,
+                             attn_implementation=attn_implementation, float32_modules=float32_modules)
+
+    @classmethod
+    def from_base(
+        cls,
+        qwen2vl: str | Path,
+        *,
+        sam_checkpoint: str | Path | None = None,
+        seed: int = 0,
+        compat: CompatConfig | None = None,
+        points_per_side: int = 3,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.float32,
+        float32_modules: Sequence[str] = (),
+        attn_implementation: str = "sdpa",
+        allow_hub: bool = True,
+    ) -> VirtueModel:
+        """An untrained VIRTUE from its parts, the official training starting point (virtue-spec §3, §4.3).
+
+        Args:
+            qwen2vl: a Qwen2-VL model folder or hub id, e.g. "Qwen/Qwen2-VL-2B-Instruct" (2B or 7B; the
+                transformers 4.x and 5.x key names both load).
+            sam_checkpoint: SAM2.1 weights (Meta `sam2.1_hiera_base_plus.pt` or a transformers Sam2 folder);
+                else the folder, then the hub's facebook/sam2.1-hiera-base-plus (as for official checkpoints).
+            seed: seeds the connector's default PyTorch initialisation (the official code's), and nothing else.
+            compat: the quirks to train with; clean by default (the released weights' quirks are not needed
+                by a model trained from scratch).
+            float32_modules: top-level modules ("sam", "connector") kept in float32 whatever `dtype` is.
+        """
+        from virtue.checkpoints.base import BASE_HUB_PATTERNS, read_base
+        from virtue.checkpoints.loading import load_tokenizer, resolve_dir
+
+        path = resolve_dir(qwen2vl, allow_hub, allow_patterns=BASE_HUB_PATTERNS)
+        config, state, sam_source = read_base(
+            path, sam_checkpoint=sam_checkpoint, allow_hub=allow_hub, seed=seed, compat=compat,
+            points_per_side=points_per_side,
+        )
+        source = f"{path} (base; SAM2 from {sam_source}; connector seeded {seed})"
+        return cls._assemble(config, load_tokenizer(path), state, source, dtype=dtype, device=device,
+                             attn_implementation=attn_implementation, float32_modules=float32_modules)
+
+    @classmethod
+    def _assemble(
+        cls,
+        config: VirtueConfig,
+        tokenizer,
+        state_dict: dict[str, torch.Tensor],
+        source: str,
+        *,
+        dtype: torch.dtype,
+        device: str | torch.device | None,
+        attn_implementation: str = "sdpa",
+        float32_modules: Sequence[str] = (),
+    ) -> VirtueModel:
         with _default_dtype(dtype):  # built directly in the target dtype: no float32 copy of a 7B model
-            model = cls(config, ckpt.tokenizer, attn_implementation)
-        model.load_weights(ckpt.state_dict, source=ckpt.source)
-        del ckpt
-        model.to(device=device, dtype=dtype).eval()
-        return model
+            model = cls(config, tokenizer, attn_implementation)
+        for name in float32_modules:  # before loading, so float32 weights are not rounded on the way in
+            module = getattr(model, name, None)
+            if module is not None:
+                module.float()
+        model.load_weights(state_dict, source=source)
+        del state_dict
+        model.to(device=device)
+        for name, module in model.named_children():
+            if name in float32_modules:
+                continue
+            if float32_modules:
+                # Mixed precision (training): weights in `dtype`, buffers (RoPE frequencies) kept in float32,
+                # as transformers' from_pretrained(torch_dtype=...) leaves them in the official training.
+                for p in module.parameters():
+                    p.data = p.data.to(dtype)
+            else:
+                module.to(dtype=dtype)
+        return model.eval()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
         """Strict load with shapes checked; names every missing, unexpected or mis-shaped key."""
@@ -105,11 +194,23 @@ class VirtueModel(nn.Module):
         check_state_dict(self.state_dict(), state_dict, source)
         self.load_state_dict(state_dict, strict=True)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write the library layout: config.json, model.safetensors, tokenizer files."""
-        from virtue.checkpoints.native import save_native
+    def save_pretrained(self, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
+        """Write the library layout: config.json, model.safetensors, tokenizer files.
 
-        save_native(path, self.config, self.state_dict(), self.processor.tokenizer)
+        dtype: cast every floating-point weight to it (default: keep each weight's dtype).
+        """
+        from virtue.checkpoints.native import save_native
+        from virtue.errors import CheckpointError
+
+        if any(".lora_" in name for name, _ in self.named_parameters()):
+            raise CheckpointError(
+                "this model still holds training adapters; fold them in first with "
+                "virtue.train.adapters.merge_adapters(model)"
+            )
+        state = self.state_dict()
+        if dtype is not None:
+            state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        save_native(path, self.config, state, self.processor.tokenizer)
 
     # ----------------------------------------------------------------- forward
     @property
@@ -158,8 +259,11 @@ class VirtueModel(nn.Module):
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
     def _precision_scope(self):
-        """float32 on CUDA means float32: cuDNN's default TF32 convolutions move the official embeddings by
-        ~3e-4 (measured on an H100; 1.5e-6 without). Scoped to this call, global flags are restored."""
+        """Autocast when the model is in mixed precision (`autocast_dtype`). Otherwise float32 on CUDA means
+        float32: cuDNN's default TF32 convolutions move the official embeddings by ~3e-4 (measured on an
+        H100; 1.5e-6 without). Scoped to this call, global flags are restored."""
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype)
         if self.device.type != "cuda" or self.dtype != torch.float32:
             return contextlib.nullcontext()
         return _cudnn_tf32_off()
@@ -226,8 +330,9 @@ class VirtueModel(nn.Module):
                 vision = self._vision_tower(prepared)
                 sam = None
                 if self.sam is not None:
-                    pixels = torch.stack([p.sam_pixels for p in prepared])
-                    sam = self.sam.encode_images(pixels.to(self.device, self._sam_dtype()))
+                    # per image, so that pinned worker tensors are copied asynchronously
+                    pixels = torch.stack([p.sam_pixels.to(self.device, non_blocking=True) for p in prepared])
+                    sam = self.sam.encode_images(pixels.to(self._sam_dtype()))
             for n, (key, img) in enumerate(todo.items()):
                 cache.put(key, ImageFeatures(vision[n], None if sam is None else sam[n], img.size_wh))
         return [self._cached(cache, key) for key in keys]
@@ -249,7 +354,7 @@ class VirtueModel(nn.Module):
 
     def _vision_tower(self, prepared) -> list[torch.Tensor]:
         visual = self.qwen.visual
-        pixels = torch.cat([p.qwen.pixel_values for p in prepared]).to(self.device, visual.dtype)
+        pixels = torch.cat([p.qwen.patches(self.device, visual.dtype) for p in prepared])
         grid = torch.tensor([p.qwen.grid_thw for p in prepared], device=self.device)
         merged = visual(pixels, grid_thw=grid).pooler_output  # [sum tokens, D]
         return list(torch.split(merged, [p.qwen.num_tokens for p in prepared]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -17,18 +18,28 @@ from virtue.processing.text import expand_image_tokens, with_image_token
 
 
 @dataclass
-class LoadedImage:
-    """An input's image after the official pre-resizes, with the key its features are cached under."""
-
-    image: Image.Image
-    size_wh: tuple[int, int]  # original size, the frame of the prompt coordinates
-    key: tuple
-
-
-@dataclass
 class PreparedImage:
     qwen: QwenImage
     sam_pixels: torch.Tensor | None  # [3, S, S]
+
+    def pin_memory(self) -> PreparedImage:
+        pixels = None if self.sam_pixels is None else self.sam_pixels.pin_memory()
+        qwen = dataclasses.replace(self.qwen, normalized=self.qwen.normalized.pin_memory())
+        return PreparedImage(qwen, pixels)
+
+
+@dataclass
+class LoadedImage:
+    """An input's image after the official pre-resizes, with the key its features are cached under.
+
+    `prepared` holds the model-ready tensors when the image was preprocessed ahead of time (a DataLoader worker,
+    `VirtueProcessor.preprocess`); `image` may then be None.
+    """
+
+    image: Image.Image | None
+    size_wh: tuple[int, int]  # original size, the frame of the prompt coordinates
+    key: tuple
+    prepared: PreparedImage | None = None
 
 
 class VirtueProcessor:
@@ -48,17 +59,48 @@ class VirtueProcessor:
         return list(self.tokenizer(text)["input_ids"])
 
     def load(self, item: EmbedInput, where: str, resize_to: tuple[int, int] | None) -> LoadedImage:
+        if isinstance(item.image, LoadedImage):
+            loaded = item.image
+            if loaded.key[1] != resize_to:
+                raise InputError(f"{where}: image was preprocessed with resize {loaded.key[1]}, asked for {resize_to}")
+            self._check_prompt(item, loaded.size_wh, where)
+            return loaded
         raw = load_image(item.image, where)
         size = (raw.width, raw.height)
+        self._check_prompt(item, size, where)
+        image = prepare_image(raw, resize_to)
+        return LoadedImage(image, size, (image_digest(image), resize_to))
+
+    @staticmethod
+    def _check_prompt(item: EmbedInput, size: tuple[int, int], where: str) -> None:
         if item.prompt is not None:
             try:
                 item.prompt.validate(size)
             except PromptError as exc:
                 raise PromptError(f"{where}: {exc}") from None
-        image = prepare_image(raw, resize_to)
-        return LoadedImage(image, size, (image_digest(image), resize_to))
+
+    def preprocess(
+        self, item: EmbedInput, where: str, resize_to: tuple[int, int] | None = None, *, done: dict | None = None
+    ) -> EmbedInput:
+        """The same input with its image decoded and turned into model-ready CPU tensors, so that the work can
+        run ahead of the model (DataLoader workers). `done` maps images already preprocessed (same path) to
+        their result, so an image shared by several rows is read once."""
+        if item.image is None or isinstance(item.image, LoadedImage):
+            return item
+        identity = item.image_identity()
+        loaded = (done or {}).get(identity)
+        if loaded is None:
+            raw = self.load(item, where, resize_to)
+            loaded = LoadedImage(None, raw.size_wh, raw.key, self.prepare_image(raw, "cpu"))
+            if done is not None:
+                done[identity] = loaded
+        else:
+            self._check_prompt(item, loaded.size_wh, where)
+        return dataclasses.replace(item, image=loaded)
 
     def prepare_image(self, loaded: LoadedImage, device: torch.device | str = "cpu") -> PreparedImage:
+        if loaded.prepared is not None:
+            return loaded.prepared
         qwen = qwen_image(loaded.image, self.config.image_processing)
         pixels = None
         if self.config.sam.enabled:

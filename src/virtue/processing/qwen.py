@@ -41,13 +41,16 @@ class QwenImage:
 
     Attributes:
         normalized: [3, H', W'] float32, resized and CLIP-normalised (the official SAM input source).
-        pixel_values: [grid_h * grid_w, 3 * temporal * patch * patch] patches.
         grid_thw: (1, grid_h, grid_w).
+        cfg: the preprocessing settings (patch, merge and temporal sizes).
+
+    The patches are cut where the model runs (`patches(device)`): they repeat every pixel `temporal_patch_size`
+    times, so moving the image instead halves what crosses to the device (and between worker processes).
     """
 
     normalized: torch.Tensor
-    pixel_values: torch.Tensor
     grid_thw: tuple[int, int, int]
+    cfg: ImageProcessingConfig
 
     @property
     def num_tokens(self) -> int:
@@ -55,9 +58,17 @@ class QwenImage:
         t, h, w = self.grid_thw
         return t * h * w // 4
 
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        """[grid_h * grid_w, 3 * temporal * patch * patch] patches, on the CPU."""
+        return patchify(self.normalized, self.cfg)
+
+    def patches(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        return patchify(self.normalized.to(device, non_blocking=True), self.cfg).to(dtype)
+
 
 def qwen_image(img: Image.Image, cfg: ImageProcessingConfig) -> QwenImage:
-    """Resize (PIL bicubic), rescale, CLIP-normalise and patchify an RGB image."""
+    """Resize (PIL bicubic), rescale and CLIP-normalise an RGB image (patches are cut later, see QwenImage)."""
     h, w = smart_resize(img.height, img.width, cfg)
     resized = np.asarray(img.resize((w, h), Image.BICUBIC), dtype=np.uint8)
     # Same arithmetic as transformers' numpy path: rescale in float64, then normalise in float32.
@@ -65,7 +76,7 @@ def qwen_image(img: Image.Image, cfg: ImageProcessingConfig) -> QwenImage:
     mean = np.asarray(cfg.image_mean, dtype=np.float32)
     std = np.asarray(cfg.image_std, dtype=np.float32)
     normalized = torch.from_numpy(((scaled - mean) / std).transpose(2, 0, 1).copy())  # [3, H', W']
-    return QwenImage(normalized, patchify(normalized, cfg), (1, h // cfg.patch_size, w // cfg.patch_size))
+    return QwenImage(normalized, (1, h // cfg.patch_size, w // cfg.patch_size), cfg)
 
 
 def patchify(image: torch.Tensor, cfg: ImageProcessingConfig) -> torch.Tensor:
