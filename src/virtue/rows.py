@@ -1,20 +1,23 @@
 """Row checks shared by the training and evaluation data readers: a failed check names its column and
-becomes a `BadRow`; COCO polygons become lazily drawn masks."""
+becomes a `BadRow`; COCO polygons and mask files become masks read on first use; a check that needs an image
+file can be recorded as a `DeferredCheck` and run later (training without image checks at load time)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from virtue.errors import InputError, PromptError
+from virtue.errors import ImageError, InputError, PromptError
 from virtue.inputs import EmbedInput
+from virtue.processing.images import load_image
 from virtue.processing.text import with_image_token
-from virtue.prompts import Mask
+from virtue.prompts import Box, Mask, Points
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,85 @@ class BadValue(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class DeferredCheck:
+    """A row check that needs an image file, recorded when the row is loaded and run later.
+
+    Attributes:
+        column: the column a failure is reported under, as the check at load time would ("qry_image_path",
+            "bbox", "segmentation", "query.image", "query.mask", ...).
+        image: the image file; only its header is read (its size).
+        part: the prompt part that must lie within the image (a `PolygonMask` is checked against its polygons'
+            extent, without drawing it; a `MaskFile` is read); None: the image must exist and be readable.
+    """
+
+    column: str
+    image: Path
+    part: Box | Points | Mask | None = None
+
+
+def read_image_size(path: Path) -> tuple[int, int] | str:
+    """The (width, height) of an image file, from its header only, or why the file cannot be used."""
+    if not path.is_file():
+        return f"image file not found: {path}"
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except (UnidentifiedImageError, OSError) as exc:
+        return f"cannot read {path} as an image ({exc})"
+    if width == 0 or height == 0:
+        return f"image {path} is empty ({width}x{height})"
+    return width, height
+
+
+class ImageHeaders:
+    """Image sizes read from file headers, cached per path with the reason a file cannot be used: SCaR holds
+    several annotations per image, and a DataLoader worker that keeps one instance reads each header once.
+
+    Unbounded (about 200 bytes per distinct image). Safe to share between threads: a path looked up by two
+    threads at once is read twice, and both store the same value.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[Path, tuple[int, int] | str] = {}
+
+    def get(self, path: Path) -> tuple[int, int] | str:
+        """(width, height), or why the file cannot be used (`read_image_size`)."""
+        if path not in self._cache:
+            self._cache[path] = read_image_size(path)
+        return self._cache[path]
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+
+def deferred_failure(check: DeferredCheck, sizes: ImageHeaders) -> str | None:
+    """Why `check` fails (the reason the check at load time gives), or None when it passes."""
+    size = sizes.get(check.image)
+    if isinstance(size, str):
+        return size
+    part = check.part
+    if part is None:
+        return None
+    if isinstance(part, PolygonMask):
+        return polygon_outside(part.polygons, size)  # its extent, without drawing the mask
+    try:
+        part.validate(size)  # a MaskFile is read here
+    except InputError as exc:  # PromptError, ImageError
+        return str(exc)
+    return None
+
+
+def polygon_outside(polygons: Sequence[Sequence[float]], size: tuple[int, int]) -> str | None:
+    """Why COCO polygons `[[x1, y1, x2, y2, ...], ...]` do not fit an image of `size` (W, H), or None."""
+    width, height = size
+    for ring in polygons:
+        xs, ys = ring[0::2], ring[1::2]
+        if min(xs) < 0 or min(ys) < 0 or max(xs) > width or max(ys) > height:
+            return f"polygon lies outside the {width}x{height} image"
+    return None
+
+
 def check_prompt_part(part: Any, size: tuple[int, int], column: str) -> None:
     """A box, points or mask that must lie in an image of `size` (W, H)."""
     try:
@@ -57,17 +139,34 @@ def check_image_tokens(side: EmbedInput, column: str) -> EmbedInput:
 
 
 class PolygonMask(Mask):
-    """A `Mask` drawn from COCO polygons on first use; its shape and bounds are checked when the row is loaded.
+    """A `Mask` drawn from COCO polygons on first use; the reader checks their format and bounds.
 
     Drawn lazily because 100k full-size boolean masks per subset would not fit in memory.
+
+    size_wh: the image size (W, H), the mask's size. Without it, `image` must be given and its header is read
+        when the mask is first needed (training data loaded without opening any image).
     """
 
     polygons: tuple[tuple[float, ...], ...]
-    size_wh: tuple[int, int]
+    image: Path | None
 
-    def __init__(self, polygons: Sequence[Sequence[float]], size_wh: tuple[int, int]):
+    def __init__(
+        self, polygons: Sequence[Sequence[float]], size_wh: tuple[int, int] | None = None, *, image: Path | None = None
+    ):
+        if size_wh is None and image is None:
+            raise ValueError("PolygonMask needs size_wh or the image it belongs to")
         object.__setattr__(self, "polygons", tuple(tuple(float(v) for v in ring) for ring in polygons))
-        object.__setattr__(self, "size_wh", (int(size_wh[0]), int(size_wh[1])))
+        object.__setattr__(self, "image", None if image is None else Path(image))
+        if size_wh is not None:
+            # Fills the cached property below: no header is read.
+            object.__setattr__(self, "size_wh", (int(size_wh[0]), int(size_wh[1])))
+
+    @cached_property
+    def size_wh(self) -> tuple[int, int]:
+        size = read_image_size(self.image)  # type: ignore[arg-type]  # __init__ requires one of the two
+        if isinstance(size, str):
+            raise ImageError(f"segmentation: {size}")
+        return size
 
     @cached_property
     def array(self) -> np.ndarray:  # type: ignore[override]
@@ -80,4 +179,30 @@ class PolygonMask(Mask):
         return array
 
     def __repr__(self) -> str:
-        return f"PolygonMask({len(self.polygons)} polygon(s), size_wh={self.size_wh})"
+        # Not `self.size_wh`: showing a mask must not read an image header.
+        size = self.__dict__.get("size_wh")
+        where = f"size_wh={size}" if size is not None else f"image={str(self.image)!r}"
+        return f"PolygonMask({len(self.polygons)} polygon(s), {where})"
+
+
+class MaskFile(Mask):
+    """A `Mask` read from a binary image file (0/255, the image's size) on first use, so that loading a JSON lines
+    file opens no image. Reading errors surface as `PromptError`, as they would at load time."""
+
+    path: Path
+
+    def __init__(self, path: Path):
+        object.__setattr__(self, "path", Path(path))
+
+    @cached_property
+    def array(self) -> np.ndarray:  # type: ignore[override]
+        if not self.path.is_file():
+            raise PromptError(f"mask file not found: {self.path}")
+        try:
+            image = load_image(self.path, "mask")
+        except ImageError as exc:
+            raise PromptError(str(exc)) from None
+        return Mask(np.asarray(image.convert("L"))).array
+
+    def __repr__(self) -> str:
+        return f"MaskFile({str(self.path)!r})"

@@ -163,6 +163,17 @@ def test_mask_variant_is_the_polygon(loaded, raw_rows):
         assert "Referring object bbox" not in q.query.text
 
 
+def test_box_mask_variant_is_the_box_protocol_plus_the_polygon(loaded, raw_rows):
+    for boxed, masked, polygon in zip(loaded["box"], loaded["box_mask"], loaded["mask"], strict=True):
+        assert masked.query.text == boxed.query.text  # the `box` variant's text, bbox line included
+        assert masked.query.image == boxed.query.image
+        assert masked.query.prompt.box == boxed.query.prompt.box
+        assert isinstance(masked.query.prompt.mask, PolygonMask) and masked.query.prompt.points is None
+        np.testing.assert_array_equal(masked.query.prompt.mask.array, polygon.query.prompt.mask.array)
+        assert [c.text for c in masked.candidates] == [c.text for c in boxed.candidates]
+    assert boxed.query.prompt.mask is None
+
+
 def test_point_variant_is_the_point_column(loaded, raw_rows):
     for q, row in zip(loaded["point"], raw_rows, strict=True):
         points = q.query.prompt.points
@@ -186,7 +197,8 @@ def test_unknown_variant():
 # Bad files and rows
 
 
-@pytest.mark.parametrize(("variant", "column"), [("point", "point"), ("mask", "segmentation")])
+@pytest.mark.parametrize(("variant", "column"), [("point", "point"), ("mask", "segmentation"),
+                                                 ("box_mask", "segmentation")])
 def test_prompt_variant_needs_its_column(tmp_path, variant, column):
     path = _rewrite(tmp_path, lambda rows: None, drop=(column,))
     with pytest.raises(ConfigError, match=rf"{path}.*'{column}'"):
@@ -260,9 +272,9 @@ def test_tgt_text_must_be_a_list(tmp_path):
 )
 def test_bad_prompt_rows(tmp_path, edit, column):
     path = _rewrite(tmp_path, edit)
-    variant = "point" if column == "point" else "mask"
-    with pytest.raises(DataError, match=rf"mini_scar.parquet:4, column '{column}'"):
-        load_scar_eval(path, MINI_SCAR, task="mini", variant=variant)
+    for variant in ("point",) if column == "point" else ("mask", "box_mask"):
+        with pytest.raises(DataError, match=rf"mini_scar.parquet:4, column '{column}'"):
+            load_scar_eval(path, MINI_SCAR, task="mini", variant=variant)
 
 
 # ---------------------------------------------------------------------------------------------------------------

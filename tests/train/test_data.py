@@ -82,11 +82,27 @@ def test_scar_without_hard_negatives_has_none(root):
     assert subset.examples[0].negatives == ()
 
 
-def test_scar_segmentation_polygon_becomes_mask_of_image_size(root):
+def test_scar_polygon_is_ignored_by_default_as_officially(root):
     polygon = [[10, 20, 40, 20, 40, 60, 10, 60]]
     path = _parquet(root / "s.parquet", [_scar_row(segmentation=polygon)])
     (subset,) = load_source(DataSource("scar", str(path)))
     prompt = subset.examples[0].query.prompt
+    assert prompt.box.xyxy == (10, 20, 40, 60) and prompt.mask is None
+    # Not read at all: a malformed polygon is no reason to drop a row that trains on its box.
+    _parquet(path, [_scar_row(segmentation=[[1, 2, 3]])])
+    (subset,) = load_source(DataSource("scar", str(path)))
+    assert subset.bad_rows == [] and subset.examples[0].query.prompt.mask is None
+
+
+def test_scar_masks_option_adds_the_polygon_as_mask_of_image_size(root):
+    polygon = [[10, 20, 40, 20, 40, 60, 10, 60]]
+    path = _parquet(root / "s.parquet", [_scar_row(segmentation=polygon), _scar_row()])
+    (subset,) = load_source(DataSource("scar", str(path), masks=True))
+    with_polygon, without = subset.examples
+    prompt = with_polygon.query.prompt
+    assert prompt.box.xyxy == (10, 20, 40, 60)
+    assert with_polygon.query.text.endswith("Referring object bbox: [10, 20, 40, 60]")
+    assert without.query.prompt.mask is None and without.query.prompt.box is not None
     assert isinstance(prompt.mask, PolygonMask)
     mask = prompt.mask.array
     assert mask.shape == (80, 100) and mask.dtype == bool
@@ -122,7 +138,7 @@ def test_bad_rows_are_skipped_reported_and_logged(root, caplog):
     rows = [_scar_row()] + [row for row, _ in BAD_SCAR_ROWS.values()]
     path = _parquet(root / "mixed.parquet", rows)
     with caplog.at_level(logging.WARNING, logger="virtue.train.data"):
-        (subset,) = load_source(DataSource("scar", str(path), hard_negatives=2), on_bad_row="skip")
+        (subset,) = load_source(DataSource("scar", str(path), hard_negatives=2, masks=True), on_bad_row="skip")
     assert [e.row_id for e in subset.examples] == ["mixed.parquet:0"]
     expected = [(f"mixed.parquet:{i + 1}", column) for i, (_, column) in enumerate(BAD_SCAR_ROWS.values())]
     assert [(b.row_id, b.column) for b in subset.bad_rows] == expected
@@ -138,7 +154,7 @@ def test_bad_row_raises_in_error_mode_naming_row_and_column(root, kind):
     row, column = BAD_SCAR_ROWS[kind]
     path = _parquet(root / "scar.parquet", [_scar_row(), row])
     with pytest.raises(DataError) as info:
-        load_source(DataSource("scar", str(path), hard_negatives=2), on_bad_row="error")
+        load_source(DataSource("scar", str(path), hard_negatives=2, masks=True), on_bad_row="error")
     assert "scar.parquet:1" in str(info.value) and repr(column) in str(info.value)
     assert str(path) in str(info.value)
 
@@ -296,8 +312,10 @@ def test_jsonl_bad_rows(root, caplog):
 
 
 def test_data_source_from_dict_validates_keys_and_values(tmp_path):
-    source = DataSource.from_dict({"kind": "scar", "path": tmp_path, "weight": 2, "limit": 5})
-    assert (source.path, source.weight, source.limit) == (str(tmp_path), 2.0, 5)
+    source = DataSource.from_dict({"kind": "scar", "path": tmp_path, "weight": 2, "limit": 5, "masks": True})
+    assert (source.path, source.weight, source.limit, source.masks) == (str(tmp_path), 2.0, 5, True)
+    source = DataSource.from_dict({"kind": "mmeb", "path": "x", "subsets": ["VisDial", "CIRR"]})
+    assert (source.subsets, source.masks) == (("VisDial", "CIRR"), False)
     bad = [
         ({"kind": "scar", "path": "x", "wieght": 1}, "wieght"),
         ({"kind": "csv", "path": "x"}, "kind"),
@@ -306,6 +324,12 @@ def test_data_source_from_dict_validates_keys_and_values(tmp_path):
         ({"kind": "scar", "path": "x", "limit": 0}, "limit"),
         ({"kind": "scar", "path": "x", "hard_negatives": -1}, "hard_negatives"),
         ({"kind": "scar", "path": "x", "hard_negatives": True}, "hard_negatives"),
+        ({"kind": "mmeb", "path": "x", "masks": True}, "masks"),
+        ({"kind": "scar", "path": "x", "masks": "yes"}, "masks"),
+        ({"kind": "mmeb", "path": "x", "subsets": "MSCOCO"}, "subsets"),
+        ({"kind": "mmeb", "path": "x", "subsets": []}, "subsets"),
+        ({"kind": "mmeb", "path": "x", "subsets": ["A", "A"]}, "subsets"),
+        ({"kind": "jsonl", "path": "x", "subsets": ["A"]}, "subsets"),
     ]
     for data, key in bad:
         with pytest.raises(ConfigError, match=key):

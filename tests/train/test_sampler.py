@@ -104,3 +104,37 @@ def test_shard_gives_contiguous_slices():
         shard(batch, 0, 3)
     with pytest.raises(ConfigError, match="rank"):
         shard(batch, 4, 4)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_unshuffled_takes_file_order_and_restarts(drop_last):
+    sizes, weights = {"a": 10, "b": 7}, {"a": 1, "b": 2}
+    sampler = SubsetBatchSampler(sizes, weights, 4, seed=2, drop_last=drop_last, shuffle=False)
+    batches = _take(sampler, 40)
+    order: dict[str, list[list[int]]] = {"a": [], "b": []}
+    for batch in batches:
+        order[batch[0][0]].append([i for _, i in batch])
+    # The official stream: each subset read from its first row on, started again once it runs out.
+    expected_a = [[0, 1, 2, 3], [4, 5, 6, 7]] + ([] if drop_last else [[8, 9]])
+    expected_b = [[0, 1, 2, 3]] + ([] if drop_last else [[4, 5, 6]])
+    for name, cycle in (("a", expected_a), ("b", expected_b)):
+        assert len(order[name]) > 2 * len(cycle)
+        assert order[name] == (cycle * 40)[: len(order[name])]
+    # The subset of each batch is drawn as when shuffling (same seed, same weights).
+    shuffled = _take(SubsetBatchSampler(sizes, weights, 4, seed=2, drop_last=drop_last), 40)
+    assert [b[0][0] for b in batches] == [b[0][0] for b in shuffled]
+
+
+def test_unshuffled_resume_and_setting_in_state():
+    args = ({"a": 9, "b": 13}, {"a": 1, "b": 1}, 4, 0)
+    sampler = SubsetBatchSampler(*args, shuffle=False)
+    _take(sampler, 5)
+    state = json.loads(json.dumps(sampler.state_dict()))
+    assert state["shuffle"] is False
+    expected = _take(sampler, 6)
+    resumed = SubsetBatchSampler(*args, shuffle=False)
+    resumed.load_state_dict(state)
+    assert _take(resumed, 6) == expected
+    with pytest.raises(ConfigError, match="shuffle was False"):
+        SubsetBatchSampler(*args).load_state_dict(state)
+    assert SubsetBatchSampler(*args).state_dict()["shuffle"] is True

@@ -15,6 +15,9 @@ def register(sub) -> None:
     p.add_argument("--image-root", help="folder the image paths are relative to (default: --data-root)")
     p.add_argument("--tasks", nargs="+", help="task names or groups (RefCOCOg, SCaR, Classification, IND, ...)")
     p.add_argument("--limit", type=int, help="first N queries per task, for quick runs")
+    p.add_argument("--scar-prompt", choices=["box", "box_mask"], default="box",
+                   help="SCaR query prompt: box (the paper's), or box_mask (box + segmentation polygon, for models "
+                        "trained with masks: true)")
     p.add_argument("--baselines", nargs="*", default=[],
                    help="text_only no_box crop (same model, parts withheld) random consensus (no model)")
     p.add_argument("--image-resize", type=int, nargs=2, metavar=("W", "H"),
@@ -33,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = EvalConfig(
         benchmark=args.benchmark, data_root=args.data_root, image_root=args.image_root,
         tasks=tuple(args.tasks) if args.tasks else None, limit=args.limit, batch_size=args.batch_size,
-        image_resize=resize, baselines=tuple(args.baselines), cache_dir=args.cache_dir or None, out_dir=args.out,
+        image_resize=resize, baselines=tuple(args.baselines), scar_variant=args.scar_prompt,
+        cache_dir=args.cache_dir or None, out_dir=args.out,
     )
     report = run_eval(load_model(args), cfg, model_name=args.model, paper_model=args.paper_model)
     for task, metrics in report.tasks.items():

@@ -10,14 +10,17 @@ the same model:
 | variant | image | visual prompt | bbox in the text |
 |---|---|---|---|
 | `box` (the paper's protocol) | whole image | the box (original-image pixels) | yes |
+| `box_mask` | whole image | the box and the `segmentation` polygon as a mask | yes |
 | `mask` | whole image | the `segmentation` polygon | no |
 | `point` | whole image | the `point` column (one positive point) | no |
 | `no_box` | whole image | none (the model's k x k grid) | no |
 | `crop` | the box cropped out (in memory) | none | no |
 | `text_only` | none | none | yes (no image placeholder) |
 
-`mask` and `point` keep the bbox out of the text on purpose: with it, the text would carry the region and the
-variant would no longer measure the prompt. Prompts stay in pixels of the original image; the model's compat
+`box_mask` is the query a model trained with SCaR masks (`masks: true` in `virtue.train.data`) saw in training:
+`box`'s text and box, plus the mask; `virtue eval --scar-prompt box_mask` evaluates with it. `mask` and `point`
+keep the bbox out of the text on purpose: with it, the text would carry the region and the variant would no longer
+measure the prompt. Prompts stay in pixels of the original image; the model's compat
 setting decides how they reach SAM's frame (virtue-spec §2.2, §10.2). `crop` decodes every image when the file
 is loaded and keeps the crops in memory (about 18k for COCO-Stuff): use `limit` or one subset at a time.
 """
@@ -38,13 +41,15 @@ from virtue.errors import ConfigError, DataError
 from virtue.inputs import EmbedInput
 from virtue.processing.text import DATASET_IMAGE_TOKEN, IMAGE_TOKEN, mmeb_candidate_text, mmeb_query_text
 from virtue.prompts import Box, Points, VisualPrompt
-from virtue.rows import BadRow, PolygonMask
+from virtue.rows import BadRow, PolygonMask, polygon_outside, read_image_size
 from virtue.rows import BadValue as _BadValue
 from virtue.rows import check_image_tokens as _checked_tokens
 from virtue.rows import check_prompt_part as _checked_prompt
 
 SCAR_SUBSETS = ("ADE20K", "COCO_Stuff", "RefCOCO_plus", "RefCOCOg", "VisualGenome")
-SCAR_VARIANTS = ("box", "mask", "point", "no_box", "crop", "text_only")
+SCAR_VARIANTS = ("box", "box_mask", "mask", "point", "no_box", "crop", "text_only")
+# The variant that needs each optional column.
+_SCAR_VARIANT_COLUMNS = {"box_mask": "segmentation", "mask": "segmentation", "point": "point"}
 SCAR_COLUMNS = ("qry_text", "qry_image_path", "tgt_text", "bbox")
 SCAR_OPTIONAL_COLUMNS = ("neg_types", "segmentation", "point")
 SCAR_NUM_CANDIDATES = 10
@@ -178,16 +183,10 @@ class _Images:
 
 
 def _read_size(path: Path, column: str) -> tuple[int, int]:
-    if not path.is_file():
-        raise _BadValue(column, f"image file not found: {path}")
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except (UnidentifiedImageError, OSError) as exc:
-        raise _BadValue(column, f"cannot read {path} as an image ({exc})") from None
-    if width == 0 or height == 0:
-        raise _BadValue(column, f"image {path} is empty ({width}x{height})")
-    return width, height
+    size = read_image_size(path)
+    if isinstance(size, str):
+        raise _BadValue(column, size)
+    return size
 
 
 def _listed(value: Any, column: str) -> list[Any]:
@@ -310,8 +309,8 @@ def load_scar_eval(
     """Read a SCaR-Eval parquet into queries with the 10 captions as text-only candidates (ground truth first).
 
     image_root: folder that `qry_image_path` is relative to.
-    variant: what the query gets (module docstring table); "mask" and "point" need the `segmentation` / `point`
-        column (`ConfigError` otherwise).
+    variant: what the query gets (module docstring table); "box_mask" and "mask" need the `segmentation` column,
+        "point" the `point` column (`ConfigError` otherwise).
     limit: keep the first N rows.
 
     Raises:
@@ -323,7 +322,7 @@ def load_scar_eval(
     _check_limit(limit)
     path = Path(path)
     file, columns = _open_parquet(path, SCAR_COLUMNS, SCAR_OPTIONAL_COLUMNS)
-    needed = {"mask": "segmentation", "point": "point"}.get(variant)
+    needed = _SCAR_VARIANT_COLUMNS.get(variant)
     if needed is not None and needed not in columns:
         raise ConfigError(f"variant {variant!r}: {path} has no {needed!r} column")
     images = _Images(Path(image_root))
@@ -381,6 +380,9 @@ def _scar_kinds(value: Any) -> list[str] | None:
 def _scar_query(r: _ScarRow, images: _Images, variant: str) -> EmbedInput:
     if variant == "box":
         return EmbedInput(scar_eval_query_text(r.qry_text, r.bbox), r.image, VisualPrompt(box=r.box))
+    if variant == "box_mask":
+        mask = _scar_mask(r.row.get("segmentation"), r.size, variant)
+        return EmbedInput(scar_eval_query_text(r.qry_text, r.bbox), r.image, VisualPrompt(box=r.box, mask=mask))
     if variant == "text_only":
         return EmbedInput(scar_eval_query_text(r.qry_text, r.bbox, with_image=False))
     text = scar_eval_query_text(r.qry_text, None)
@@ -389,26 +391,26 @@ def _scar_query(r: _ScarRow, images: _Images, variant: str) -> EmbedInput:
     if variant == "crop":
         return EmbedInput(text, images.crop(r.image, r.box, "qry_image_path"))
     if variant == "mask":
-        return EmbedInput(text, r.image, VisualPrompt(mask=_scar_mask(r.row.get("segmentation"), r.size)))
+        return EmbedInput(text, r.image, VisualPrompt(mask=_scar_mask(r.row.get("segmentation"), r.size, variant)))
     point = Points([_numbers(r.row.get("point"), 2, "point", "[x, y]")])
     _checked_prompt(point, r.size, "point")
     return EmbedInput(text, r.image, VisualPrompt(points=point))
 
 
-def _scar_mask(value: Any, size: tuple[int, int]) -> PolygonMask:
+def _scar_mask(value: Any, size: tuple[int, int], variant: str) -> PolygonMask:
     rings = _listed(value, "segmentation") if value is not None else []
     if not rings:
-        raise _BadValue("segmentation", "no polygon; the 'mask' variant needs one per row")
-    width, height = size
+        raise _BadValue("segmentation", f"no polygon; the {variant!r} variant needs one per row")
+    polygons = []
     for ring in rings:
         items = _listed(ring, "segmentation")
         if len(items) < 6 or len(items) % 2:
             raise _BadValue("segmentation", "expected COCO polygons [[x1, y1, x2, y2, x3, y3, ...], ...]")
-        numbers = _numbers(items, len(items), "segmentation", "in a polygon")
-        xs, ys = numbers[0::2], numbers[1::2]
-        if min(xs) < 0 or min(ys) < 0 or max(xs) > width or max(ys) > height:
-            raise _BadValue("segmentation", f"polygon lies outside the {width}x{height} image")
-    return PolygonMask(rings, size)
+        polygons.append(_numbers(items, len(items), "segmentation", "in a polygon"))
+    outside = polygon_outside(polygons, size)
+    if outside is not None:
+        raise _BadValue("segmentation", outside)
+    return PolygonMask(polygons, size)
 
 
 # ---------------------------------------------------------------------------------------------------------------

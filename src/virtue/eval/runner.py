@@ -23,6 +23,8 @@ from virtue.model.embedder import VirtueModel
 logger = logging.getLogger(__name__)
 
 MODEL_BASELINES = ("text_only", "no_box", "crop")  # the same model, the query stripped of parts
+# SCaR query protocols (`eval.datasets` variants): the paper's box, or box + mask for models trained with masks.
+SCAR_PROMPTS = ("box", "box_mask")
 FREE_BASELINES = ("random", "consensus")  # no model at all
 
 
@@ -36,6 +38,9 @@ class EvalConfig:
     image_resize: (W, H) pre-resize; None takes the model's `compat.eval_image_resize` (1344x1344 for the
         official checkpoints, as the official eval); [] or "native" keeps the native size.
     baselines: any of text_only, no_box, crop (model-based) and random, consensus (model-free).
+    scar_variant: the SCaR query protocol: "box" (the paper's: box prompt and bbox in the text) or "box_mask"
+        (the same plus the `segmentation` polygon as a mask prompt, for models trained with `masks: true`).
+        Ignored for MMEB.
     """
 
     benchmark: str
@@ -46,6 +51,7 @@ class EvalConfig:
     batch_size: int = 16
     image_resize: tuple[int, int] | None | str = None
     baselines: tuple[str, ...] = ()
+    scar_variant: str = "box"
     cache_dir: str | None = ".virtue-cache"
     out_dir: str = "outputs/eval"
     seed: int = 0
@@ -57,6 +63,8 @@ class EvalConfig:
         unknown = sorted(set(self.baselines) - set(MODEL_BASELINES) - set(FREE_BASELINES))
         if unknown:
             raise ConfigError(f"baselines: unknown {unknown}; allowed: {list(MODEL_BASELINES + FREE_BASELINES)}")
+        if self.scar_variant not in SCAR_PROMPTS:
+            raise ConfigError(f"scar_variant: expected one of {list(SCAR_PROMPTS)}, got {self.scar_variant!r}")
 
 
 @dataclass
@@ -178,7 +186,7 @@ def run_eval(model: VirtueModel, cfg: EvalConfig, model_name: str = "model", pap
     per_task: dict[str, dict[str, float]] = {}
     base: dict[str, dict[str, dict[str, float]]] = {}
     for task in available_tasks(cfg):
-        queries = _load(task, cfg, "box")
+        queries = _load(task, cfg, cfg.scar_variant)
         per_task[task.name] = ranking_metrics(score_queries(embedder, queries, task.name))
         for name in cfg.baselines:
             if name in FREE_BASELINES:
@@ -193,7 +201,8 @@ def run_eval(model: VirtueModel, cfg: EvalConfig, model_name: str = "model", pap
         model=model_name,
         fingerprint=embedder.fingerprint,
         settings={"benchmark": cfg.benchmark, "limit": cfg.limit, "image_resize": embedder.resize,
-                  "compat": model.config.compat.__dict__, "data_root": cfg.data_root},
+                  "compat": model.config.compat.__dict__, "data_root": cfg.data_root,
+                  **({"scar_variant": cfg.scar_variant} if cfg.benchmark == "scar" else {})},
         tasks=per_task,
         aggregates=aggregate(hit1),
         baselines=base,

@@ -1,32 +1,89 @@
 """Training data: sources (SCaR-train, MMEB-train, JSON lines) read into validated `TrainExample`s, by subset.
 
 Every global batch is drawn from one *subset* (virtue-spec §4.3), so a source yields one or more named subsets.
-Every row is checked when it is loaded (image files exist and are readable, boxes, points and masks lie in the
-image, captions are non-empty strings); a bad row is skipped and reported, or stops the load (`on_bad_row`).
+Every row is checked (texts, boxes, points, masks, image files); a bad row is skipped and reported, or stops the
+load (`on_bad_row`). See "Image checks" below for the checks that need an image file.
 
 Data sources, as written in a training config:
 
     data:
       sources:
-        - {kind: scar, path: data/SCaR-Train, image_root: images/, hard_negatives: 9, limit: 100000}
-        - {kind: mmeb, path: data/MMEB-train/MSCOCO_i2t.parquet, image_root: images/, weight: 2}
+        - {kind: scar, path: data/SCaR-Train, hard_negatives: 9, limit: 100000}
+        - {kind: mmeb, path: data/MMEB-train, subsets: [MSCOCO_i2t, VisDial], limit: 100000}
+        - {kind: mmeb, path: data/MSCOCO_i2t.parquet, image_root: data/MMEB-train, weight: 2}
         - {kind: jsonl, path: my_pairs.jsonl}
         - {kind: synthetic, n: 4000, seed: 0, hard_negatives: 3}   # procedural, virtue.train.synthetic
 
 * `kind`: `scar` (SCaR-train parquet), `mmeb` (MMEB-train parquet) or `jsonl` (the format below).
-* `path`: one file, or a folder of `*.parquet` / `*.jsonl` files; each file is one subset named by its stem
-  (e.g. `SCAR_RefCOCOg`). `name` renames the subset of a single file.
-* `image_root`: folder that relative image and mask paths are resolved against; by default the data file's folder.
+* `path`: one file, or a folder (layouts below).
+* `name`: renames the subset of a source that holds a single one.
+* `subsets`: for a folder, the subsets to keep (default: all); an unknown name is an error that lists the folder's.
+* `image_root`: folder that relative image and mask paths are resolved against (default below).
 * `weight`: relative probability of drawing a batch from this source's subsets (default 1, the official mix).
 * `limit`: keep the first N good rows of each subset (the official recipe keeps the first 100,000).
 * `hard_negatives`: number of negatives per example, the first N of each row (default 0: in-batch negatives only).
   A row with fewer is rejected, so that every example of a batch carries the same number.
+* `masks` (scar only, default false): also give the `segmentation` polygon as a mask prompt (below).
 
-SCaR-train rows (virtue-spec §5.2) become: query = the image, the `bbox` (COCO `[x, y, w, h]` pixels, turned into
-`[x1, y1, x2, y2]`) as a box prompt *and* written into the text (`qry` + `"\\nReferring object bbox: [x1, y1, x2,
-y2]"`), plus a mask prompt when `segmentation` holds COCO polygons; positive = `pos_text`; negatives = `neg_text`.
+Layouts of `path`
+-----------------
+
+* A single `.parquet` file (scar, mmeb) or `.jsonl` file: one subset named by its stem.
+* A flat folder of `*.parquet` / `*.jsonl` files: one subset per file, named by its stem. The official SCaR-train
+  layout is one: `SCAR_RefCOCO_plus.parquet`, `SCAR_RefCOCOg.parquet`, `SCAR_ADE20K.parquet`,
+  `SCAR_VisualGenome.parquet`, `SCAR_COCO_Stuff.parquet`, images under `images/<subset>_train/` beside them.
+* MMEB-train as cloned from the hub (`TIGER-Lab/MMEB-train`, kind mmeb, a folder with no `*.parquet` directly in
+  it): one folder per subset holding `original-0000k-of-0000n.parquet`, `diverse_instruction-...` and `train-...`
+  shards. Only the `original` split is read, as the official recipe does (virtue-spec §5.1); a subset's shards are
+  read in shard order, the subset is named by its folder, and row ids are `<Subset>/original-00000-of-00001.parquet:
+  <row>`. Folders without `original-*.parquet` (`images/`, `images_zip/`, subsets with another split only) are
+  skipped. `MMEB_TRAIN_SUBSETS` lists the 20 subsets of the recipe; other subset folders are loaded too unless
+  `subsets` leaves them out, with a warning.
+* A `datasets` folder written by `save_to_disk` or an `.arrow` file (kind mmeb; needs `datasets`): one subset, the
+  `original` split of a `DatasetDict`.
+
+Where images are found (`image_root`)
+-------------------------------------
+
+A given `image_root` is used as is: a row's path is `image_root / path`. Without it, paths are relative to the
+data folder (the folder given as `path`, or the folder of a single file), and for scar and mmeb, when that folder
+holds an `images/` folder, a path that does not itself start with `images/` is looked up inside `images/`. Thus:
+
+* MMEB-train: the rows store `images/<Subset>/Train/<file>.jpg` (e.g. `images/ImageNet_1K/Train/image_0.jpg`), and
+  the image archives `images_zip/<Subset>.zip` are unpacked into `<clone>/images/` by the dataset's
+  `unzip_file.py`; VLM2Vec's training README passes `--image_dir MMEB-train`, the clone itself. So the clone's
+  folder is the right base: `path: data/MMEB-train` needs no `image_root` (set it for images kept elsewhere, e.g.
+  VLM2Vec's later configs point `image_dir` at `vlm2vec_train/MMEB-train/image`).
+  Sources: VLM2Vec `README.md` at 7ba08a5 ("git clone .../TIGER-Lab/MMEB-train; cd MMEB-train; python
+  unzip_file.py", `--image_dir MMEB-train`) and `experiments/public/data/download_data.sh`; `load_mmeb_dataset`
+  (`src/data/dataset/mmeb_dataset.py`) joins `image_dir` and the row's path. The `images/<Subset>/Train/` form
+  was seen in third-party code quoting raw MMEB-train rows, not in a file of TIGER-Lab's.
+* SCaR-train: rows store `<subset>_train/<file>` (virtue-spec §5.2) and are found in `<path>/images/`; rows that
+  store `images/<subset>_train/<file>` resolve against `<path>` and reach the same file.
+* JSON lines: always relative to the `.jsonl` file's folder (no `images/` rule).
+
+Rows
+----
+
+SCaR-train rows (virtue-spec §5.2) become: query = the image and the `bbox` (COCO `[x, y, w, h]` pixels, turned
+into `[x1, y1, x2, y2]`) as a box prompt *and* written into the text (`qry` + `"\\nReferring object bbox: [x1, y1,
+x2, y2]"`); positive = `pos_text`; negatives = `neg_text`. As in the official code the query gets the box only;
+`masks: true` adds the `segmentation` COCO polygons, when a row has them, as a mask prompt (box + mask; the
+evaluation's matching protocol is the SCaR `box_mask` variant). Without `masks` the column is not read.
 MMEB-train rows (§5.1): `qry` / `qry_image_path`, `pos_text` / `pos_image_path`, `neg_text` / `neg_image_path`,
 `<|image_1|>` swapped for `<|image_pad|>`, an empty image path meaning a text-only side.
+
+Image checks (`check_images`)
+-----------------------------
+
+`load_sources(..., check_images=True)` (the default) checks at load time that every image file exists and its
+header is readable, and that boxes, points, masks and polygons lie within the image. That opens one header per
+image on every rank, too slow for a million rows. With `check_images=False` no image file is opened: everything
+else is still checked at load (texts, bbox shape and area, polygon format, points and labels, negatives count, image
+paths being non-empty strings), and the checks that need an image are recorded on the example
+(`TrainExample.deferred`, a tuple of `DeferredCheck`). `run_deferred_checks(example, sizes)` runs them later, e.g.
+in a DataLoader worker, and returns the first failure as the same `BadRow` (column, reason) the load-time check
+would have reported. With deferred checks, `limit` counts rows that passed the load-time checks.
 
 JSON lines format (`kind: jsonl`)
 ---------------------------------
@@ -44,7 +101,7 @@ One JSON object per line (blank lines are ignored):
   * `image`: image file path;
   * `box` (or `bbox`): `[x1, y1, x2, y2]` in pixels of the original image;
   * `points` (or `point`): `[[x, y], ...]` in pixels, with optional `labels`: `[1, 0, ...]` (1 = positive point);
-  * `mask`: path of a binary mask image (0/255) of the image's size.
+  * `mask`: path of a binary mask image (0/255) of the image's size, read when first needed.
   A box, points or mask needs an image. Relative `image` and `mask` paths are resolved against `image_root`, or
   the folder of the `.jsonl` file when the source sets none.
 * `subset` (optional): the subset the row belongs to; by default the source's `name`, else the file's stem.
@@ -54,28 +111,33 @@ One JSON object per line (blank lines are ignored):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from virtue.errors import ConfigError, DataError, InputError
 from virtue.inputs import EmbedInput, parse_input
 from virtue.processing.text import DATASET_IMAGE_TOKEN, IMAGE_TOKEN, scar_train_query_text
 from virtue.prompts import Box, VisualPrompt
-from virtue.rows import BadRow, PolygonMask
+from virtue.rows import BadRow, DeferredCheck, ImageHeaders, MaskFile, PolygonMask, deferred_failure
 from virtue.rows import BadValue as _BadValue
 from virtue.rows import check_image_tokens as _check_tokens
-from virtue.rows import check_prompt_part as _check_part
 from virtue.train.examples import TrainExample
+
+__all__ = [
+    "MMEB_TRAIN_SUBSETS", "BadRow", "DataSource", "DeferredCheck", "ImageHeaders", "PolygonMask", "Subset",
+    "load_source", "load_sources", "run_deferred_checks",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +146,15 @@ ON_BAD_ROW = ("skip", "error")
 SCAR_COLUMNS = ("qry", "qry_image_path", "pos_text", "bbox")
 MMEB_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
 JSONL_KEYS = ("query", "positive", "negatives", "subset")
+# The 20 subsets of the official MMEB-train recipe (virtue-spec §5.1, `train_mmeb.yaml`).
+MMEB_TRAIN_SUBSETS = (
+    "ImageNet_1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA",
+    "ChartQA", "Visual7W", "VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t",
+    "NIGHTS", "WebQA", "MSCOCO",
+)  # fmt: skip
+MMEB_SPLIT = "original"  # the split the official recipe trains on
+_SHARD = re.compile(rf"{MMEB_SPLIT}-(\d+)-of-(\d+)\.parquet")
+IMAGES_FOLDER = "images"
 # Files that mark a folder written by `datasets.Dataset.save_to_disk`.
 HF_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 SHOWN_BAD_ROWS = 5
@@ -106,6 +177,8 @@ class DataSource:
     weight: float = 1.0
     limit: int | None = None
     hard_negatives: int = 0
+    subsets: tuple[str, ...] | None = None
+    masks: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -123,6 +196,12 @@ class DataSource:
         if self.limit is not None:
             _check_int(self.limit, "limit", minimum=1)
         _check_int(self.hard_negatives, "hard_negatives", minimum=0)
+        if self.subsets is not None:
+            object.__setattr__(self, "subsets", _subset_names(self.subsets, self.kind))
+        if not isinstance(self.masks, bool):
+            raise ConfigError(f"masks: expected true or false, got {self.masks!r}")
+        if self.masks and self.kind != "scar":
+            raise ConfigError(f"masks: only kind 'scar' has segmentation polygons, not {self.kind!r}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "data source") -> DataSource:
@@ -155,6 +234,18 @@ def _check_int(value: Any, key: str, minimum: int) -> None:
         raise ConfigError(f"{key}: expected an integer >= {minimum}, got {value!r}")
 
 
+def _subset_names(value: Any, kind: str) -> tuple[str, ...]:
+    if kind == "jsonl":
+        raise ConfigError("subsets: a jsonl source names its subsets in its rows; select them with separate files")
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"subsets: expected a non-empty list of subset names, got {value!r}")
+    if not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"subsets: expected non-empty strings, got {list(value)}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"subsets: a name is listed twice in {list(value)}")
+    return tuple(value)
+
+
 @dataclass(frozen=True, eq=False)
 class Subset:
     """The good examples of one sub-dataset, the rows rejected from it, and its sampling weight."""
@@ -169,13 +260,19 @@ class Subset:
 # Public entry points
 
 
-def load_sources(sources: Iterable[DataSource | dict[str, Any]], *, on_bad_row: str = "skip") -> list[Subset]:
-    """Load several sources (config mappings or `DataSource`s); subset names must be unique across all of them."""
+def load_sources(
+    sources: Iterable[DataSource | dict[str, Any]], *, on_bad_row: str = "skip", check_images: bool = True
+) -> list[Subset]:
+    """Load several sources (config mappings or `DataSource`s); subset names must be unique across all of them.
+
+    check_images: False opens no image file; the checks that need one are left on the examples
+        (`TrainExample.deferred`, run by `run_deferred_checks`).
+    """
     subsets: list[Subset] = []
     seen: dict[str, int] = {}
     for i, item in enumerate(sources):
         source = item if isinstance(item, DataSource) else DataSource.from_dict(item, where=f"data[{i}]")
-        for subset in load_source(source, on_bad_row=on_bad_row):
+        for subset in load_source(source, on_bad_row=on_bad_row, check_images=check_images):
             if subset.name in seen:
                 raise ConfigError(
                     f"data[{i}]: subset name {subset.name!r} is already used by data[{seen[subset.name]}]; "
@@ -186,35 +283,67 @@ def load_sources(sources: Iterable[DataSource | dict[str, Any]], *, on_bad_row: 
     return subsets
 
 
-def load_source(source: DataSource, *, on_bad_row: str = "skip") -> list[Subset]:
+def load_source(source: DataSource, *, on_bad_row: str = "skip", check_images: bool = True) -> list[Subset]:
     """Read and validate every row of one source.
 
     on_bad_row: "skip" drops bad rows, keeps them in `Subset.bad_rows` and logs a warning per subset;
         "error" raises `DataError` at the first one.
+    check_images: True checks image files (existence, header, prompts within bounds) now; False defers these
+        checks to `run_deferred_checks` and opens no image file.
     """
     if on_bad_row not in ON_BAD_ROW:
         raise ConfigError(f"on_bad_row: expected one of {list(ON_BAD_ROW)}, got {on_bad_row!r}")
     if source.image_root is not None and not Path(source.image_root).is_dir():
         raise ConfigError(f"image_root: folder not found: {source.image_root}")
-    collector = _Collector(source, on_bad_row)
-    sizes = _ImageSizes()
+    collector = _Collector(source, on_bad_row, check_images)
     path = Path(source.path)
-    if source.kind == "mmeb" and _is_hf_dataset(path):
-        _read_table(path, _hf_rows(path, _required_columns(source)), source, sizes, collector)
+    if source.kind == "jsonl":
+        for file in _flat_files(source, ".jsonl"):
+            _read_jsonl(file, _context(source, file.parent), collector)
+    elif source.kind == "mmeb" and _is_hf_dataset(path):
+        if source.subsets is not None:
+            raise ConfigError(f"subsets: {path} holds a single subset; 'subsets' selects among a folder's")
+        context = _context(source, path.parent)
+        _read_rows(source.name or path.stem, f"{path.name}:", _hf_rows(path, _required_columns(source)), context,
+                   collector)
     else:
-        for file in _source_files(source):
-            reader = _read_jsonl if source.kind == "jsonl" else _read_parquet
-            reader(file, source, sizes, collector)
+        root = path if path.is_dir() else path.parent
+        context = _context(source, root)
+        for subset in _parquet_subsets(source):
+            _read_parquet_subset(subset, context, collector)
     return collector.finish()
 
 
+def run_deferred_checks(example: TrainExample, sizes: ImageHeaders | None = None) -> BadRow | None:
+    """Run the image checks left on an example by `load_sources(..., check_images=False)`.
+
+    sizes: a header-size cache to reuse across calls (one per worker process), so that each header is read once.
+    Returns the first failure as the `BadRow` (subset, row id, column, reason) that the check at load time would
+    have reported, or None when the example is good (or has no deferred check).
+    """
+    sizes = ImageHeaders() if sizes is None else sizes
+    for check in example.deferred:
+        reason = deferred_failure(check, sizes)
+        if reason is not None:
+            return BadRow(example.subset, example.row_id, check.column, reason)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Files
+# Files and layouts
 
 
-def _source_files(source: DataSource) -> list[Path]:
+@dataclass(frozen=True)
+class _SubsetFiles:
+    """The parquet file(s) of one subset, read one after the other; row ids are `<prefix><file name>:<row>`."""
+
+    name: str
+    files: tuple[Path, ...]
+    prefix: str = ""
+
+
+def _flat_files(source: DataSource, suffix: str) -> list[Path]:
     path = Path(source.path)
-    suffix = ".jsonl" if source.kind == "jsonl" else ".parquet"
     if path.is_file():
         return [path]
     if not path.is_dir():
@@ -230,6 +359,83 @@ def _source_files(source: DataSource) -> list[Path]:
     return files
 
 
+def _parquet_subsets(source: DataSource) -> list[_SubsetFiles]:
+    """The subsets of a parquet source, in any of its layouts, after `subsets` and `name` are applied."""
+    path = Path(source.path)
+    if path.is_file():
+        if source.subsets is not None:
+            raise ConfigError(f"subsets: {path} is a single file; 'subsets' selects among a folder's")
+        return [_SubsetFiles(source.name or path.stem, (path,))]
+    if not path.is_dir():
+        raise ConfigError(f"path: not found: {path}")
+    flat = sorted(path.glob("*.parquet"))
+    if flat:
+        found = [_SubsetFiles(f.stem, (f,)) for f in flat]
+    elif source.kind == "mmeb":
+        found = _hub_subsets(path)
+    else:
+        raise ConfigError(f"path: no *.parquet file in folder {path}")
+    found = _selected(found, source, path)
+    if source.name is not None:
+        if len(found) > 1:
+            raise ConfigError(
+                f"name: {source.name!r} can only name a single subset; the {len(found)} subsets in {path} "
+                "are named by their files or folders"
+            )
+        found = [dataclasses.replace(found[0], name=source.name)]
+    return found
+
+
+def _selected(found: list[_SubsetFiles], source: DataSource, path: Path) -> list[_SubsetFiles]:
+    by_name = {s.name: s for s in found}
+    if source.subsets is None:
+        return found
+    unknown = [n for n in source.subsets if n not in by_name]
+    if unknown:
+        raise ConfigError(f"subsets: {unknown} not found in {path}; available: {sorted(by_name)}")
+    return [by_name[n] for n in source.subsets]
+
+
+def _hub_subsets(root: Path) -> list[_SubsetFiles]:
+    """TIGER-Lab/MMEB-train as cloned: one folder per subset; only its `original-*.parquet` shards are read."""
+    found, other_splits = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        shards = _original_shards(folder)
+        if shards:
+            found.append(_SubsetFiles(folder.name, shards, prefix=f"{folder.name}/"))
+        elif any(folder.glob("*.parquet")):
+            other_splits.append(folder.name)
+    if not found:
+        raise ConfigError(
+            f"path: no *.parquet file in folder {root}, and no subset folder with "
+            f"{MMEB_SPLIT}-*.parquet shards (the TIGER-Lab/MMEB-train layout)"
+        )
+    if other_splits:
+        logger.warning("%s: skipped subset folder(s) without %s-*.parquet shards: %s", root, MMEB_SPLIT, other_splits)
+    return found
+
+
+def _original_shards(folder: Path) -> tuple[Path, ...]:
+    """The `original-0000k-of-0000n.parquet` shards of a subset folder, in shard order, all n present."""
+    files = sorted(folder.glob(f"{MMEB_SPLIT}-*.parquet"))
+    shards: dict[int, Path] = {}
+    totals = set()
+    for file in files:
+        match = _SHARD.fullmatch(file.name)
+        if match is None:
+            raise ConfigError(f"{file}: unexpected shard name; expected {MMEB_SPLIT}-<k>-of-<n>.parquet")
+        shards[int(match[1])] = file
+        totals.add(int(match[2]))
+    if not shards:
+        return ()
+    total = max(totals)
+    if len(totals) != 1 or sorted(shards) != list(range(total)):
+        # A half-downloaded subset would otherwise train on part of its rows without a word.
+        raise ConfigError(f"{folder}: incomplete or inconsistent {MMEB_SPLIT} shards {[f.name for f in files]}; "
+                          f"expected {MMEB_SPLIT}-00000-of-{total:05d}.parquet ... all {total}")
+    return tuple(shards[k] for k in range(total))
+
+
 def _required_columns(source: DataSource) -> tuple[str, ...]:
     columns = SCAR_COLUMNS if source.kind == "scar" else MMEB_COLUMNS
     return (*columns, "neg_text") if source.hard_negatives else columns
@@ -241,7 +447,7 @@ def _check_columns(path: Path, present: Iterable[str], required: Sequence[str]) 
         raise DataError(f"{path}: missing required column(s) {missing}")
 
 
-def _read_parquet(path: Path, source: DataSource, sizes: _ImageSizes, collector: _Collector) -> None:
+def _parquet_rows(path: Path, source: DataSource) -> Iterator[dict[str, Any]]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -252,11 +458,20 @@ def _read_parquet(path: Path, source: DataSource, sizes: _ImageSizes, collector:
         raise DataError(f"{path}: cannot read as parquet ({exc})") from exc
     required = _required_columns(source)
     _check_columns(path, file.schema_arrow.names, required)
-    wanted = dict.fromkeys((*required, "segmentation", "neg_text", "neg_image_path"))
+    optional = ("segmentation",) if source.masks else ()
+    wanted = dict.fromkeys((*required, *optional, "neg_text", "neg_image_path"))
     columns = [c for c in wanted if c in file.schema_arrow.names]
     # Batches, not the whole table: with `limit` a 400k-row subset is only read up to its first N good rows.
-    rows = (row for batch in file.iter_batches(1024, columns=columns) for row in batch.to_pylist())
-    _read_table(path, rows, source, sizes, collector)
+    return (row for batch in file.iter_batches(1024, columns=columns) for row in batch.to_pylist())
+
+
+def _read_parquet_subset(subset: _SubsetFiles, context: _Context, collector: _Collector) -> None:
+    collector.open(subset.name)
+    for file in subset.files:
+        if collector.full(subset.name):
+            return
+        rows = _parquet_rows(file, collector.source)
+        _read_rows(subset.name, f"{subset.prefix}{file.name}:", rows, context, collector)
 
 
 def _is_hf_dataset(path: Path) -> bool:
@@ -278,30 +493,27 @@ def _hf_rows(path: Path, required: Sequence[str]) -> Iterator[dict[str, Any]]:
     if isinstance(data, datasets.DatasetDict):
         splits = list(data)
         # MMEB-train's subsets are loaded with split="original" (virtue-spec §5.1).
-        split = "original" if "original" in data else splits[0] if len(splits) == 1 else None
+        split = MMEB_SPLIT if MMEB_SPLIT in data else splits[0] if len(splits) == 1 else None
         if split is None:
-            raise ConfigError(f"path: {path} holds the splits {splits}; expected 'original' or a single split")
+            raise ConfigError(f"path: {path} holds the splits {splits}; expected '{MMEB_SPLIT}' or a single split")
         data = data[split]
     _check_columns(path, data.column_names, required)
     yield from data
 
 
-def _read_table(
-    path: Path, rows: Iterable[dict[str, Any]], source: DataSource, sizes: _ImageSizes, collector: _Collector
+def _read_rows(
+    name: str, row_prefix: str, rows: Iterable[dict[str, Any]], context: _Context, collector: _Collector
 ) -> None:
-    name = source.name or path.stem
-    convert = _scar_example if source.kind == "scar" else _mmeb_example
-    context = _Context(Path(source.image_root) if source.image_root else path.parent, sizes, source.hard_negatives)
+    convert = _scar_example if collector.source.kind == "scar" else _mmeb_example
     collector.open(name)
     for index, row in enumerate(rows):
         if collector.full(name):
             break
-        collector.add(name, f"{path.name}:{index}", partial(convert, row, context))
+        collector.add(name, f"{row_prefix}{index}", partial(convert, row, context))
 
 
-def _read_jsonl(path: Path, source: DataSource, sizes: _ImageSizes, collector: _Collector) -> None:
-    default = source.name or path.stem
-    context = _Context(Path(source.image_root) if source.image_root else path.parent, sizes, source.hard_negatives)
+def _read_jsonl(path: Path, context: _Context, collector: _Collector) -> None:
+    default = collector.source.name or path.stem
     with path.open(encoding="utf-8") as lines:
         for index, line in enumerate(lines):
             if not line.strip():
@@ -323,11 +535,14 @@ def _read_jsonl(path: Path, source: DataSource, sizes: _ImageSizes, collector: _
 
 
 class _Collector:
-    """Groups the examples of one source by subset, applies `limit`, and reports bad rows."""
+    """Groups the examples of one source by subset, runs or defers the image checks, applies `limit`, and reports
+    bad rows."""
 
-    def __init__(self, source: DataSource, on_bad_row: str):
+    def __init__(self, source: DataSource, on_bad_row: str, check_images: bool):
         self.source = source
         self.on_bad_row = on_bad_row
+        self.check_images = check_images
+        self.sizes = ImageHeaders()
         self.examples: dict[str, list[TrainExample]] = {}
         self.bad_rows: dict[str, list[BadRow]] = {}
 
@@ -338,13 +553,22 @@ class _Collector:
     def full(self, name: str) -> bool:
         return self.source.limit is not None and len(self.examples[name]) >= self.source.limit
 
-    def add(self, name: str, row_id: str, convert: Callable[[], Sides]) -> None:
+    def add(self, name: str, row_id: str, convert: Callable[[list[DeferredCheck]], Sides]) -> None:
+        checks: list[DeferredCheck] = []
         try:
-            query, positive, negatives = convert()
+            query, positive, negatives = convert(checks)
         except _BadValue as bad:
             self.reject(BadRow(name, row_id, bad.column, bad.reason))
             return
-        self.examples[name].append(TrainExample(query, positive, negatives, subset=name, row_id=row_id))
+        example = TrainExample(query, positive, negatives, subset=name, row_id=row_id, deferred=tuple(checks))
+        if self.check_images:
+            # The same checks as a worker would run later, so that both paths report the same bad rows.
+            bad = run_deferred_checks(example, self.sizes)
+            if bad is not None:
+                self.reject(bad)
+                return
+            example = dataclasses.replace(example, deferred=())
+        self.examples[name].append(example)
 
     def reject(self, bad: BadRow) -> None:
         if self.on_bad_row == "error":
@@ -362,6 +586,11 @@ class _Collector:
             if not examples:
                 raise DataError(f"{self.source.kind} dataset {self.source.path}: subset {name!r} has no usable row")
             subsets.append(Subset(name, examples, bad, self.source.weight))
+        if self.source.kind == "mmeb" and self.source.subsets is None:
+            other = sorted(s.name for s in subsets if s.name not in MMEB_TRAIN_SUBSETS and self.source.name is None)
+            if len(subsets) > 1 and other:
+                logger.warning("%s: loaded subset(s) outside the recipe's 20 (MMEB_TRAIN_SUBSETS): %s; "
+                               "set 'subsets' to choose", self.source.path, other)
         return subsets
 
 
@@ -369,46 +598,43 @@ class _Collector:
 # Row checks shared by every format
 
 
-class _ImageSizes:
-    """Image sizes read from file headers only, cached: SCaR has several annotations per image."""
+@dataclass(frozen=True)
+class _ImageBase:
+    """Where relative image paths live: `root`, or `images` for paths that do not start with `images/`."""
 
-    def __init__(self) -> None:
-        self._cache: dict[Path, tuple[int, int] | str] = {}
+    root: Path
+    images: Path | None = None
 
-    def __call__(self, path: Path, column: str) -> tuple[int, int]:
-        if path not in self._cache:
-            self._cache[path] = _read_size(path)
-        size = self._cache[path]
-        if isinstance(size, str):
-            raise _BadValue(column, size)
-        return size
-
-
-def _read_size(path: Path) -> tuple[int, int] | str:
-    """The (width, height) of an image file, or why it cannot be used."""
-    if not path.is_file():
-        return f"image file not found: {path}"
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except (UnidentifiedImageError, OSError) as exc:
-        return f"cannot read {path} as an image ({exc})"
-    if width == 0 or height == 0:
-        return f"image {path} is empty ({width}x{height})"
-    return width, height
+    def resolve(self, value: str) -> Path:
+        relative = PurePath(value)
+        if self.images is not None and not relative.is_absolute() and relative.parts[:1] != (IMAGES_FOLDER,):
+            return self.images / relative
+        return self.root / relative
 
 
 @dataclass(frozen=True)
 class _Context:
-    base: Path  # relative image and mask paths are resolved against it
-    sizes: _ImageSizes
+    base: _ImageBase
     hard_negatives: int
+    masks: bool = False
 
-    def image(self, value: Any, column: str) -> tuple[Path, tuple[int, int]]:
+    def image(self, value: Any, column: str, checks: list[DeferredCheck]) -> Path:
+        """The resolved path; its existence and header are checked later (`DeferredCheck` with no part)."""
         if not isinstance(value, str) or not value.strip():
             raise _BadValue(column, f"expected an image path, got {value!r}")
-        path = self.base / value
-        return path, self.sizes(path, column)
+        path = self.base.resolve(value)
+        checks.append(DeferredCheck(column, path))
+        return path
+
+
+def _context(source: DataSource, folder: Path) -> _Context:
+    if source.image_root is not None:
+        base = _ImageBase(Path(source.image_root))
+    else:
+        images = folder / IMAGES_FOLDER
+        use_images = source.kind != "jsonl" and images.is_dir()
+        base = _ImageBase(folder, images if use_images else None)
+    return _Context(base, source.hard_negatives, source.masks)
 
 
 def _text(value: Any, column: str) -> str:
@@ -458,31 +684,30 @@ def _bbox_xyxy(value: Any) -> tuple[float, float, float, float]:
     return x, y, x + w, y + h
 
 
-def _polygon_mask(value: Any, size: tuple[int, int]) -> PolygonMask | None:
+def _polygon_mask(value: Any, image: Path) -> PolygonMask | None:
+    """The format of COCO polygons; their bounds need the image's size and are a deferred check."""
     rings = _as_list(value)
     if not rings:
         return None  # null / [] = no segmentation, as in the released SCaR files
-    width, height = size
     for ring in rings:
         numbers = _numbers(ring)
         if numbers is None or len(numbers) < 6 or len(numbers) % 2:
             raise _BadValue("segmentation", "expected COCO polygons [[x1, y1, x2, y2, x3, y3, ...], ...]")
-        xs, ys = numbers[0::2], numbers[1::2]
-        if min(xs) < 0 or min(ys) < 0 or max(xs) > width or max(ys) > height:
-            raise _BadValue("segmentation", f"polygon lies outside the {width}x{height} image")
-    return PolygonMask(rings, size)
+    return PolygonMask(rings, image=image)
 
 
-def _scar_example(row: dict[str, Any], context: _Context) -> Sides:
+def _scar_example(row: dict[str, Any], context: _Context, checks: list[DeferredCheck]) -> Sides:
     qry = _text(row.get("qry"), "qry")
     pos_text = _text(row.get("pos_text"), "pos_text")
     xyxy = _bbox_xyxy(row.get("bbox"))
-    image, size = context.image(row.get("qry_image_path"), "qry_image_path")
+    image = context.image(row.get("qry_image_path"), "qry_image_path", checks)
     box = Box.from_xyxy(xyxy)
-    _check_part(box, size, "bbox")
-    prompt = VisualPrompt(box=box, mask=_polygon_mask(row.get("segmentation"), size))
-    # virtue-spec §5.2: the box goes to SAM and is also written into the query text.
-    query = EmbedInput(text=scar_train_query_text(qry, xyxy), image=image, prompt=prompt)
+    checks.append(DeferredCheck("bbox", image, box))
+    # virtue-spec §5.2: the official query gets the box only (to SAM and in the text); `masks` adds the polygon.
+    mask = _polygon_mask(row.get("segmentation"), image) if context.masks else None
+    if mask is not None:
+        checks.append(DeferredCheck("segmentation", image, mask))
+    query = EmbedInput(text=scar_train_query_text(qry, xyxy), image=image, prompt=VisualPrompt(box=box, mask=mask))
     _check_tokens(query, "qry")
     positive = EmbedInput(text=pos_text)
     _check_tokens(positive, "pos_text")
@@ -494,13 +719,15 @@ def _scar_example(row: dict[str, Any], context: _Context) -> Sides:
 # MMEB-train
 
 
-def _mmeb_side(text: Any, image_path: Any, columns: tuple[str, str], context: _Context) -> EmbedInput:
+def _mmeb_side(
+    text: Any, image_path: Any, columns: tuple[str, str], context: _Context, checks: list[DeferredCheck]
+) -> EmbedInput:
     text_column, image_column = columns
     if text is not None and not isinstance(text, str):
         raise _BadValue(text_column, f"expected a string, got {type(text).__name__}")
     image = None
     if image_path is not None and image_path != "":  # an empty path is a text-only side
-        image, _ = context.image(image_path, image_column)
+        image = context.image(image_path, image_column, checks)
     elif text is None or not text.strip():
         raise _BadValue(text_column, "empty text and no image")
     side = EmbedInput(text=None if text is None else text.replace(DATASET_IMAGE_TOKEN, IMAGE_TOKEN), image=image)
@@ -508,14 +735,14 @@ def _mmeb_side(text: Any, image_path: Any, columns: tuple[str, str], context: _C
     return side
 
 
-def _mmeb_example(row: dict[str, Any], context: _Context) -> Sides:
-    query = _mmeb_side(row.get("qry"), row.get("qry_image_path"), ("qry", "qry_image_path"), context)
-    positive = _mmeb_side(row.get("pos_text"), row.get("pos_image_path"), ("pos_text", "pos_image_path"), context)
+def _mmeb_example(row: dict[str, Any], context: _Context, checks: list[DeferredCheck]) -> Sides:
+    side = partial(_mmeb_side, context=context, checks=checks)
+    query = side(row.get("qry"), row.get("qry_image_path"), ("qry", "qry_image_path"))
+    positive = side(row.get("pos_text"), row.get("pos_image_path"), ("pos_text", "pos_image_path"))
     texts = _first_negatives(_as_list(row.get("neg_text")), context.hard_negatives, "neg_text")
     images = _as_list(row.get("neg_image_path"))[: len(texts)]
     images += [None] * (len(texts) - len(images))
-    columns = ("neg_text", "neg_image_path")
-    negatives = tuple(_mmeb_side(t, i, columns, context) for t, i in zip(texts, images, strict=True))
+    negatives = tuple(side(t, i, ("neg_text", "neg_image_path")) for t, i in zip(texts, images, strict=True))
     return query, positive, negatives
 
 
@@ -540,42 +767,49 @@ def _record_subset(record: dict[str, Any], default: str) -> str:
     return name
 
 
-def _jsonl_side(value: Any, column: str, context: _Context) -> EmbedInput:
+def _jsonl_side(value: Any, column: str, context: _Context, checks: list[DeferredCheck]) -> EmbedInput:
     if isinstance(value, dict):
         value = dict(value)
-        for key in ("image", "mask"):
-            if isinstance(value.get(key), str):
-                value[key] = context.base / value[key]
-        if isinstance(value.get("mask"), Path) and not value["mask"].is_file():
-            raise _BadValue(f"{column}.mask", f"mask file not found: {value['mask']}")
+        image = value.get("image")
+        if image is not None:
+            if not isinstance(image, str) or not image.strip():
+                raise _BadValue(f"{column}.image", f"expected an image path, got {image!r}")
+            value["image"] = context.base.resolve(image)
+        if isinstance(value.get("mask"), str):
+            value["mask"] = MaskFile(context.base.resolve(value["mask"]))  # read by its deferred check
     elif not isinstance(value, str):
         raise _BadValue(column, f"expected an object or a string, got {type(value).__name__}")
     try:
         side = parse_input(value)
     except InputError as exc:
         raise _BadValue(column, str(exc).removeprefix("input 0: ")) from None
+    box = side.prompt.box if side.prompt is not None else None
+    if box is not None and (box.x2 <= box.x1 or box.y2 <= box.y1):  # needs no image: checked now
+        shown = "[" + ", ".join(f"{v:g}" for v in box.xyxy) + "]"
+        raise _BadValue(f"{column}.box", f"zero-area box [x1, y1, x2, y2] = {shown}")
     if side.image is not None:
-        size = context.sizes(Path(side.image), f"{column}.image")
+        image = Path(side.image)
+        checks.append(DeferredCheck(f"{column}.image", image))
         for name in ("box", "points", "mask"):
             part = getattr(side.prompt, name, None)
             if part is not None:
-                _check_part(part, size, f"{column}.{name}")
+                checks.append(DeferredCheck(f"{column}.{name}", image, part))
     _check_tokens(side, f"{column}.text")
     return side
 
 
-def _jsonl_example(record: dict[str, Any], context: _Context) -> Sides:
+def _jsonl_example(record: dict[str, Any], context: _Context, checks: list[DeferredCheck]) -> Sides:
     unknown = sorted(set(record) - set(JSONL_KEYS))
     if unknown:
         raise _BadValue(unknown[0], f"unknown key(s) {unknown}; allowed: {list(JSONL_KEYS)}")
     for key in ("query", "positive"):
         if key not in record:
             raise _BadValue(key, "missing")
-    query = _jsonl_side(record["query"], "query", context)
-    positive = _jsonl_side(record["positive"], "positive", context)
+    query = _jsonl_side(record["query"], "query", context, checks)
+    positive = _jsonl_side(record["positive"], "positive", context, checks)
     given = record.get("negatives", [])
     if not isinstance(given, list):
         raise _BadValue("negatives", f"expected a list, got {type(given).__name__}")
     chosen = _first_negatives(given, context.hard_negatives, "negatives")
-    negatives = tuple(_jsonl_side(n, f"negatives[{i}]", context) for i, n in enumerate(chosen))
+    negatives = tuple(_jsonl_side(n, f"negatives[{i}]", context, checks) for i, n in enumerate(chosen))
     return query, positive, negatives

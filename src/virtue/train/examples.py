@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from virtue.inputs import EmbedInput
-from virtue.rows import BadRow
+from virtue.rows import BadRow, DeferredCheck
 
-__all__ = ["BadRow", "TrainExample"]
+__all__ = ["BadRow", "DeferredCheck", "TrainExample"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -20,6 +20,9 @@ class TrainExample:
         negatives: hard negatives for this query (MMEB `neg_*`, SCaR's 9 distractor captions).
         subset: name of the sub-dataset; every global batch is drawn from one subset.
         row_id: stable id of the source row ("<file>:<row>"), used in error reports and resume.
+        deferred: the image checks not yet run (data loaded with `check_images=False`): image files exist and are
+            readable, prompts lie within their image. `virtue.train.data.run_deferred_checks` runs them; empty
+            when they passed at load time.
     """
 
     query: EmbedInput
@@ -27,3 +30,4 @@ class TrainExample:
     negatives: tuple[EmbedInput, ...] = field(default_factory=tuple)
     subset: str = "default"
     row_id: str = ""
+    deferred: tuple[DeferredCheck, ...] = ()

@@ -8,6 +8,13 @@ interleaved dataset, and `shard` gives each rank its contiguous slice of a globa
 Randomness is counter-based: the subset of batch `k` and the permutation of a subset's epoch `e` are drawn from
 generators seeded with (seed, k) and (seed, subset name, e). The whole RNG state is therefore a few counters, the
 state dict is small JSON, and a resumed sampler yields exactly the batches the original would have.
+
+Row order within a subset. The official recipe interleaves the subsets' `IterableDataset`s without shuffling them
+(VLM2Vec's `interleave_datasets` over unshuffled datasets), so each subset's rows arrive in file order, starting
+again at the first row when a subset runs out. `shuffle=False` reproduces that: the identity permutation every
+epoch, while the subset of each batch is still drawn with probability proportional to its weight. Shuffling
+(`shuffle=True`, a new permutation per subset and epoch) is the default here, because file order puts similar rows
+(one image's several regions, one class's images) into the same batch, where they become each other's negatives.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ class SubsetBatchSampler(Iterator[list[tuple[str, int]]]):
     seed: a non-negative integer; the same seed, sizes and weights give the same stream.
     drop_last: when a subset's permutation has fewer than `global_batch_size` examples left, True starts the next
         permutation (the rest is skipped this epoch; every batch is full); False yields the short batch first.
+    shuffle: True takes each subset's examples in a new random order every epoch; False in file order (index 0, 1,
+        ...), the official behaviour (module docstring).
     """
 
     def __init__(
@@ -46,6 +55,7 @@ class SubsetBatchSampler(Iterator[list[tuple[str, int]]]):
         global_batch_size: int,
         seed: int,
         drop_last: bool = True,
+        shuffle: bool = True,
     ):
         _check_int(global_batch_size, "global_batch_size", 1)
         _check_int(seed, "seed", 0)
@@ -54,6 +64,7 @@ class SubsetBatchSampler(Iterator[list[tuple[str, int]]]):
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.drop_last = bool(drop_last)
+        self.shuffle = bool(shuffle)
         # Sorted, so that the stream does not depend on the order the subsets were listed in.
         self._names = sorted(self.sizes)
         total = sum(self.weights.values())
@@ -91,8 +102,12 @@ class SubsetBatchSampler(Iterator[list[tuple[str, int]]]):
     def _permutation(self, name: str, epoch: int) -> np.ndarray:
         cached = self._permutations.get(name)
         if cached is None or cached[0] != epoch:
-            rng = np.random.default_rng([_PERMUTATION_STREAM, self.seed, _name_key(name), epoch])
-            cached = (epoch, rng.permutation(self.sizes[name]))
+            if self.shuffle:
+                rng = np.random.default_rng([_PERMUTATION_STREAM, self.seed, _name_key(name), epoch])
+                order = rng.permutation(self.sizes[name])
+            else:
+                order = np.arange(self.sizes[name])  # file order, as the official unshuffled interleave
+            cached = (epoch, order)
             self._permutations[name] = cached
         return cached[1]
 
@@ -103,6 +118,7 @@ class SubsetBatchSampler(Iterator[list[tuple[str, int]]]):
             "seed": self.seed,
             "global_batch_size": self.global_batch_size,
             "drop_last": self.drop_last,
+            "shuffle": self.shuffle,
             "sizes": dict(self.sizes),
             "weights": dict(self.weights),
             "batches_yielded": self._batches,
