@@ -19,12 +19,13 @@ from virtue.train.loss import all_reduce_gradients, info_nce  # noqa: E402
 from virtue.train.trainer import _distributed  # noqa: E402
 
 
-def main(out: str, n: int) -> None:
-    rank, world = _distributed()
+def main(out: str, n: int, uneven: bool) -> None:
+    procs = _distributed()
+    rank, world = procs.rank, procs.world
     tokenizer = AutoTokenizer.from_pretrained(str(FIXTURE / "checkpoint"))
     model, params = tiny_trainable(tokenizer, dtype=torch.float64)
     images = {p.name: p for p in (FIXTURE / "images").iterdir()}
-    full = mixed_batch(images, n=n)
+    full = mixed_batch(images, n=n, uneven=uneven)
     share = slice(rank * n // world, (rank + 1) * n // world)
     batch = ContrastiveBatch(full.queries[share], full.targets[share], full.negatives[share])
     loss = gradcache_step(lambda x: model(x), batch, lambda q, t, **kw: info_nce(q, t, temperature=0.05, **kw),
@@ -38,4 +39,4 @@ def main(out: str, n: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "uneven")

@@ -27,14 +27,17 @@ def tiny_trainable(
     return model, params
 
 
-def mixed_batch(images: dict, n: int = 6, negatives: int = 2) -> ContrastiveBatch:
+def mixed_batch(images: dict, n: int = 6, negatives: int = 2, uneven: bool = False) -> ContrastiveBatch:
+    """Rows alternate between `negatives` and one fewer hard negatives; `uneven`: the first half of the rows
+    has `negatives`, the second half none (so two processes sharing the batch hold different numbers)."""
     names = sorted(images)
     queries, targets, negs = [], [], []
     for i in range(n):
         path = images[names[i % len(names)]]
         queries.append(parse_input({"image": path, "text": f"Find object {i}.", "box": [2 + i, 3, 20 + i, 18]}, i))
         targets.append(parse_input(f"caption number {i}" if i % 3 else {"image": path, "text": f"cap {i}"}, i))
-        negs.append([parse_input(f"wrong caption {i}.{k}", i) for k in range(negatives - (i % 2))])
+        count = (negatives if i < n // 2 else 0) if uneven else negatives - (i % 2)
+        negs.append([parse_input(f"wrong caption {i}.{k}", i) for k in range(count)])
     return ContrastiveBatch(queries, targets, negs)
 
 

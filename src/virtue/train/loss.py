@@ -55,10 +55,32 @@ def gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def all_reduce_gradients(params) -> None:
-    """Sum the gradients of trainable parameters over processes (each holds d loss / d its own rows)."""
+def all_reduce_gradients(params, bucket_elements: int = 1 << 24) -> None:
+    """Sum the gradients of trainable parameters over processes (each holds d loss / d its own rows).
+
+    Every process reduces the same list of tensors in the same order: a parameter this process's rows did not
+    reach (no image in its share, say) contributes zeros instead of being skipped, which would leave the
+    processes issuing different collectives (a hang). Gradients travel in flat buckets of one dtype.
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
+    params = list(params)
     for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for p in params:
+        if buckets and buckets[-1][0].dtype == p.grad.dtype and size + p.numel() <= bucket_elements:
+            buckets[-1].append(p.grad)
+            size += p.numel()
+        else:
+            buckets.append([p.grad])
+            size = p.numel()
+    for grads in buckets:
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        start = 0
+        for g in grads:
+            g.copy_(flat[start : start + g.numel()].view_as(g))
+            start += g.numel()

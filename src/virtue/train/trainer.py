@@ -1,5 +1,5 @@
-"""The training loop: sample a global batch from one subset, take this process's share, GradCache (or
-plain) step, sum gradients over processes, clip, step; log, checkpoint, resume, export."""
+"""The training loop: plan a global batch from one subset, let DataLoader workers prepare this process's share,
+GradCache (or plain) step, sum gradients over processes, clip, step; log, validate, checkpoint, resume, export."""
 
 from __future__ import annotations
 
@@ -17,17 +17,29 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from virtue.config import quiet_transformers
 from virtue.errors import ConfigError
 from virtue.model.embedder import VirtueModel
-from virtue.train.adapters import apply_trainable, merge_adapters
+from virtue.model.feature_cache import FeatureCache
+from virtue.train.build import absolute_model_section, build_model, dtype_of, frozen_fingerprint, prepare_for_training
+from virtue.train.checkpoint_model import merged_for_inference
 from virtue.train.config import TrainConfig
 from virtue.train.examples import TrainExample
 from virtue.train.gradcache import ContrastiveBatch, gradcache_step, plain_step
 from virtue.train.loss import all_reduce_gradients, info_nce
+from virtue.train.pipeline import (
+    ImageCheckResult,
+    PreparedBatches,
+    StepPlan,
+    apply_image_checks,
+    find_bad_images,
+    make_loader,
+)
+from virtue.train.sampler import SubsetBatchSampler
 from virtue.train.state import Resumable, checkpoint_dirs, load_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["TrainResult", "build_model", "load_subsets", "train"]
 
 
 @dataclass
@@ -36,27 +48,38 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)  # per step run in this call
     export_dir: Path | None = None
     model: VirtueModel | None = None
+    evals: list[dict] = field(default_factory=list)  # validation records of this call
 
 
-def build_model(cfg: TrainConfig) -> VirtueModel:
-    dtype = getattr(torch, cfg.model.dtype)
-    if cfg.model.path is not None:
-        return VirtueModel.from_pretrained(cfg.model.path, sam_checkpoint=cfg.model.sam_checkpoint, dtype=dtype)
-    from transformers import AutoTokenizer
+@dataclass(frozen=True)
+class Processes:
+    rank: int
+    world: int
+    device: torch.device
 
-    from virtue.model import presets
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
 
-    build = getattr(presets, f"{cfg.model.preset}_config", None)
-    if build is None:
-        raise ConfigError(f"model.preset: unknown preset {cfg.model.preset!r}; available: tiny")
-    with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
-    torch.manual_seed(cfg.seed)  # the random initialisation is part of the run
-    return VirtueModel(build(**cfg.model.preset_args), tokenizer).to(dtype)
+
+def _distributed() -> Processes:
+    """torchrun's environment -> this process's rank, the world size and its device (cuda:LOCAL_RANK)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)  # before any CUDA work: NCCL and every .cuda() use this device
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.is_initialized():
+        return Processes(dist.get_rank(), dist.get_world_size(), device)
+    return Processes(0, 1, device)
 
 
 def load_subsets(cfg: TrainConfig) -> dict[str, tuple[list[TrainExample], float]]:
-    """name -> (examples, weight) for every configured source (`synthetic` sources are generated)."""
+    """name -> (examples, weight) for every configured source (`synthetic` sources are generated). Checks that
+    need image files are deferred (see `pipeline.find_bad_images`)."""
     from virtue.train.data import load_sources
 
     subsets: dict[str, tuple[list[TrainExample], float]] = {}
@@ -70,7 +93,8 @@ def load_subsets(cfg: TrainConfig) -> dict[str, tuple[list[TrainExample], float]
             subsets[name] = (synthetic_train_examples(subset=name, **args), float(source.get("weight", 1.0)))
         else:
             files.append(source)
-    for subset in load_sources(files, on_bad_row=cfg.data.on_bad_row) if files else []:
+    loaded = load_sources(files, on_bad_row=cfg.data.on_bad_row, check_images=False) if files else []
+    for subset in loaded:
         if subset.name in subsets:
             raise ConfigError(f"data.sources: two subsets are named {subset.name!r}")
         subsets[subset.name] = (subset.examples, subset.weight)
@@ -78,11 +102,13 @@ def load_subsets(cfg: TrainConfig) -> dict[str, tuple[list[TrainExample], float]
 
 
 def without_prompts(examples: list[TrainExample]) -> list[TrainExample]:
-    """The same examples with the visual prompts removed from every side (texts unchanged)."""
+    """The same examples with the visual prompts removed from every side (texts unchanged); the deferred checks
+    of the removed prompts go too, the images must still be readable."""
     strip = lambda x: dataclasses.replace(x, prompt=None)  # noqa: E731
     return [
         dataclasses.replace(e, query=strip(e.query), positive=strip(e.positive),
-                            negatives=tuple(strip(n) for n in e.negatives))
+                            negatives=tuple(strip(n) for n in e.negatives),
+                            deferred=tuple(c for c in e.deferred if c.part is None))
         for e in examples
     ]
 
@@ -97,13 +123,22 @@ def _check_prompts(model: VirtueModel, subsets: dict, cfg: TrainConfig) -> dict:
     return subsets
 
 
-def _distributed() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def _check_eval_prompt(cfg: TrainConfig) -> None:
+    masks = any(isinstance(s, dict) and s.get("kind") == "scar" and s.get("masks") for s in cfg.data.sources)
+    if cfg.eval.every and cfg.eval.benchmark == "scar" and masks and cfg.eval.scar_prompt != "box_mask":
+        logger.warning("training SCaR rows get box + mask prompts (masks: true) but validation uses %r; "
+                       "set eval.scar_prompt: box_mask to score what is trained", cfg.eval.scar_prompt)
+
+
+def _image_checks(subsets: dict, cfg: TrainConfig, procs: Processes, show: bool) -> tuple[dict, dict]:
+    """Rank 0 reads the image headers; the other processes receive what it found instead of reading them too."""
+    result: list[ImageCheckResult | None] = [None]
+    if procs.rank == 0:
+        result[0] = find_bad_images(subsets, cfg.data.image_checks, on_bad_row=cfg.data.on_bad_row,
+                                    show_progress_bar=show)
+    if procs.world > 1:
+        dist.broadcast_object_list(result, src=0)
+    return apply_image_checks(subsets, result[0])
 
 
 def _scheduler(optimizer, cfg: TrainConfig):
@@ -119,12 +154,13 @@ def _scheduler(optimizer, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _batch(examples: list[TrainExample], hard_negatives: bool) -> ContrastiveBatch:
-    return ContrastiveBatch(
-        queries=[e.query for e in examples],
-        targets=[e.positive for e in examples],
-        negatives=[list(e.negatives) if hard_negatives else [] for e in examples],
-    )
+def _towers_frozen(model: VirtueModel) -> bool:
+    towers = [model.qwen.visual] + ([model.sam] if model.sam is not None else [])
+    return not any(p.requires_grad for tower in towers for p in tower.parameters())
+
+
+def _images_in(batch: ContrastiveBatch) -> int:
+    return sum(x.has_image for side in (batch.queries, batch.targets, *batch.negatives) for x in side)
 
 
 def train(
@@ -135,18 +171,20 @@ def train(
     stop_at_step: end early at this step (after checkpointing it), as if interrupted; the schedule still
     follows `optim.max_steps`, so a later `resume=True` continues the same run.
     """
-    from virtue.train.sampler import SubsetBatchSampler, shard
-
-    rank, world = _distributed()
+    procs = _distributed()
+    rank, world = procs.rank, procs.world
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     out = Path(cfg.output.dir)
+    show = show_progress_bar and rank == 0
+    _check_eval_prompt(cfg)
     subsets = load_subsets(cfg)
     model = build_model(cfg)
     subsets = _check_prompts(model, subsets, cfg)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    params = apply_trainable(model, cfg.trainable)
+    subsets, known_bad = _image_checks(subsets, cfg, procs, show)
+    params = prepare_for_training(model, cfg)
+    fingerprint = frozen_fingerprint(model) if rank == 0 else None
+    model.to(procs.device)
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = _scheduler(optimizer, cfg)
     sampler = SubsetBatchSampler(
@@ -154,6 +192,7 @@ def train(
         weights={n: w for n, (_, w) in subsets.items()},
         global_batch_size=cfg.data.global_batch_size,
         seed=cfg.data.seed,
+        shuffle=cfg.data.shuffle,
     )
     live = Resumable(model, optimizer, scheduler, sampler)
     step = 0
@@ -162,26 +201,39 @@ def train(
         found = checkpoint_dirs(out)
         if not found:
             raise ConfigError(f"--resume: no checkpoint under {out}")
-        step = load_checkpoint(found[-1], live)["step"]
+        state = load_checkpoint(found[-1], live, rank=rank)
+        step = state["step"]
+        if state.get("world_size", world) != world:
+            logger.warning("resuming a run of %s processes with %d: the data order is kept, the per-process "
+                           "dropout streams are not", state.get("world_size"), world)
         logger.info("resumed from %s at step %d", found[-1], step)
         if rank == 0:
             _truncate_metrics(out / "metrics.jsonl", step)
+    config_record = {**cfg.to_dict(), "model": absolute_model_section(cfg.to_dict()["model"])}
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
+        (out / "train_config.json").write_text(json.dumps(config_record, indent=2, default=str))
+    last = cfg.optim.max_steps if stop_at_step is None else min(stop_at_step, cfg.optim.max_steps)
+    plan = StepPlan(sampler, rank, world, first_step=step, last_step=last)
+    live.sampler = plan  # checkpoints record the data position of the last step taken
+    dataset = PreparedBatches(subsets, model.processor, hard_negatives=cfg.loss.use_hard_negatives,
+                              on_bad_row=cfg.data.on_bad_row, known_bad=known_bad)
+    loader = make_loader(dataset, plan, num_workers=cfg.data.num_workers, prefetch=cfg.data.prefetch,
+                         pin_memory=procs.device.type == "cuda")
     writer = _tensorboard(out) if rank == 0 and cfg.output.tensorboard else None
     model.train()
-    embed = lambda items: model(items)  # noqa: E731
+    reuse = cfg.gradcache.reuse_image_features and _towers_frozen(model)
     loss_fn = lambda q, t, **kw: info_nce(q, t, temperature=cfg.loss.temperature, **kw)  # noqa: E731
-    losses: list[float] = []
-    batches = iter(sampler)
-    bar = tqdm(total=cfg.optim.max_steps, initial=step, desc="train", disable=not show_progress_bar or rank != 0)
-    last = cfg.optim.max_steps if stop_at_step is None else min(stop_at_step, cfg.optim.max_steps)
-    while step < last:
+    result = TrainResult(step)
+    bar = tqdm(total=cfg.optim.max_steps, initial=step, desc="train", disable=not show)
+    waited = time.perf_counter()
+    for prepared in loader:
         start = time.perf_counter()
-        global_batch = next(batches)
-        local = shard(global_batch, rank, world)
-        batch = _batch([subsets[name][0][i] for name, i in local], cfg.loss.use_hard_negatives)
+        data_wait, step = start - waited, prepared.step
+        batch = prepared.batch
+        # Frozen towers: the ViT and SAM2 image features of the first GradCache pass serve the second one.
+        cache = FeatureCache(max(1, _images_in(batch))) if reuse else None
+        embed = lambda items, cache=cache: model(items, cache=cache)  # noqa: E731
         optimizer.zero_grad(set_to_none=True)
         if cfg.gradcache.enabled:
             loss = gradcache_step(embed, batch, loss_fn, query_chunk=cfg.gradcache.query_chunk,
@@ -193,29 +245,64 @@ def train(
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
-        step += 1
-        elapsed = time.perf_counter() - start
-        losses.append(loss.item())
+        plan.step_taken(step)
+        elapsed = time.perf_counter() - start + data_wait
+        result.losses.append(loss.item())
         record = {"step": step, "loss": loss.item(), "lr": lr, "grad_norm": float(grad_norm),
-                  "samples_per_s": cfg.data.global_batch_size / elapsed, "subset": global_batch[0][0]}
+                  "samples_per_s": cfg.data.global_batch_size / elapsed, "data_wait_s": round(data_wait, 4),
+                  "subset": prepared.subset}
+        if prepared.replaced:
+            record["replaced_rows"] = [b.row_id for b in prepared.replaced]
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", sps=f"{record['samples_per_s']:.1f}")
         if rank == 0 and step % cfg.output.log_every == 0:
             _log(out, record, writer)
+        if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.optim.max_steps):
+            evaluation = _validate(model, cfg, step, out, procs)
+            if evaluation is not None:
+                result.evals.append(evaluation)
+                _log(out, evaluation, writer)
         if step % cfg.output.checkpoint_every == 0 or step in (cfg.optim.max_steps, last):
-            if rank == 0:
-                save_checkpoint(out, step, live, keep=cfg.output.keep_checkpoints)
-            if world > 1:
-                dist.barrier()
+            save_checkpoint(out, step, live, keep=cfg.output.keep_checkpoints, rank=rank, barrier=procs.barrier,
+                            config=config_record,
+                            extra={"frozen_sha256": fingerprint, "world_size": world, "subset": prepared.subset})
+        waited = time.perf_counter()
     bar.close()
     if writer is not None:
         writer.close()
-    export = None
+    result.steps, result.model = step, model
     if cfg.output.export and rank == 0 and step == cfg.optim.max_steps:
         model.eval()
-        export = out / "final"
-        merge_adapters(model).save_pretrained(export)
-    return TrainResult(step, losses, export, model)
+        result.export_dir = out / "final"
+        merged_for_inference(model, dtype_of(cfg.output.export_dtype or cfg.model.dtype))
+        model.save_pretrained(result.export_dir)
+    procs.barrier()
+    return result
+
+
+def _validate(model: VirtueModel, cfg: TrainConfig, step: int, out: Path, procs: Processes) -> dict | None:
+    """The evaluation harness on the model as it is now (rank 0; the others wait). Returns the metrics record."""
+    record = None
+    if procs.rank == 0:
+        from virtue.eval.runner import EvalConfig, run_eval
+
+        ev = cfg.eval
+        eval_cfg = EvalConfig(
+            benchmark=ev.benchmark, data_root=ev.data_root, image_root=ev.image_root,
+            tasks=tuple(ev.tasks) if ev.tasks else None, limit=ev.limit, batch_size=ev.batch_size,
+            cache_dir=None, out_dir=str(out / "eval" / f"step-{step}"), show_progress_bar=False,
+            scar_variant=ev.scar_prompt,
+        )
+        model.eval()
+        try:
+            report = run_eval(model, eval_cfg, model_name=f"{out.name} step {step}")
+        finally:
+            model.train()
+        record = {"step": step, "eval": {"aggregates": {k: v for k, v in report.aggregates.items()
+                                                        if not k.startswith("n_tasks")},
+                                         "hit@1": {t: m["hit@1"] for t, m in report.tasks.items()}}}
+    procs.barrier()
+    return record
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -228,9 +315,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def _log(out: Path, record: dict, writer) -> None:
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
-    if writer is not None:
-        for key in ("loss", "lr", "grad_norm", "samples_per_s"):
+    if writer is None:
+        return
+    for key in ("loss", "lr", "grad_norm", "samples_per_s", "data_wait_s"):
+        if key in record:
             writer.add_scalar(f"train/{key}", record[key], record["step"])
+    for group, values in record.get("eval", {}).items():
+        for name, value in values.items():
+            writer.add_scalar(f"eval/{group}/{name}", value, record["step"])
 
 
 def _tensorboard(out: Path):
