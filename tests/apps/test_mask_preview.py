@@ -97,7 +97,7 @@ def test_decoder_sees_what_fuse_sees(tiny_model, tokenizer, photo, compat):
     w, h = photo.size
     proc = model.processor
     loaded = proc.load(EmbedInput(image=photo), "image", None)
-    pixels = proc.prepare_image(loaded, "cpu").sam_pixels[None]
+    pixels = proc.sam_input(proc.prepare_image(loaded))[None]
     with torch.inference_mode():
         image_embeds = model.sam.encode_images(pixels)
     feats = sam_image_features(model, photo)
@@ -134,7 +134,7 @@ def test_matches_transformers_sam2_forward(tiny_model, photo, name):
     prompt = _prompts(w, h)[name]
     proc = tiny_model.processor
     loaded = proc.load(EmbedInput(image=photo), "image", None)
-    pixels = proc.prepare_image(loaded, "cpu").sam_pixels[None]
+    pixels = proc.sam_input(proc.prepare_image(loaded))[None]
     sp = proc.sam_prompt(EmbedInput(image=photo, prompt=prompt), (w, h), tiny_model.sam.mask_input_size)
     with torch.inference_mode():
         out = tiny_model.sam.model(
@@ -155,7 +155,7 @@ def test_multimask_picks_the_best_predicted_iou(tiny_model, photo):
     assert mask.shape == (h, w) and mask.dtype == np.bool_
     proc = tiny_model.processor
     loaded = proc.load(EmbedInput(image=photo), "image", None)
-    pixels = proc.prepare_image(loaded, "cpu").sam_pixels[None]
+    pixels = proc.sam_input(proc.prepare_image(loaded))[None]
     sp = proc.sam_prompt(EmbedInput(image=photo, prompt=prompt), (w, h), tiny_model.sam.mask_input_size)
     with torch.inference_mode():
         out = tiny_model.sam.model(pixel_values=pixels, input_points=sp.coords[None, None],
@@ -179,7 +179,7 @@ def test_one_image_at_a_time_and_feature_reuse(tiny_model, photo):
     proc = tiny_model.processor
     prompts = [prompt, VisualPrompt(points=Points([[w * 0.5, h * 0.5], [3, 4]], [0, 1]))]
     sps = [proc.sam_prompt(EmbedInput(image=photo, prompt=p), (w, h), tiny_model.sam.mask_input_size) for p in prompts]
-    pixels = proc.prepare_image(proc.load(EmbedInput(image=photo), "image", None), "cpu").sam_pixels[None]
+    pixels = proc.sam_input(proc.prepare_image(proc.load(EmbedInput(image=photo), "image", None)))[None]
     with torch.inference_mode():
         out = tiny_model.sam.model(
             pixel_values=pixels.expand(2, -1, -1, -1),

@@ -79,15 +79,15 @@ def test_intermediates_match(_official_model, fixture_dir):
                 continue
             items, resize = case_inputs(case)
             loaded = proc.load(items[0], case["name"], resize)
-            prepared = proc.prepare_image(loaded)
+            sam_input = proc.sam_input(proc.prepare_image(loaded))
             with torch.no_grad():
-                image_embed = model.sam.encode_images(prepared.sam_pixels[None])
+                image_embed = model.sam.encode_images(sam_input[None])
                 prompt = proc.sam_prompt(items[0], loaded.size_wh, model.sam.mask_input_size)
                 fused = model.sam.fuse(image_embed, [prompt])
                 tokens = model.connector(fused)
             pairs = [("seg_tokens", tokens)]
             if "sam_input_stride32" in names:
-                pairs.append(("sam_input_stride32", prepared.sam_pixels[None, :, ::32, ::32]))
+                pairs.append(("sam_input_stride32", sam_input[None, :, ::32, ::32]))
             if "fused_map_stride8" in names:
                 pairs.append(("fused_map_stride8", fused[:, :, ::8, ::8]))
             for name, value in pairs:

@@ -19,7 +19,7 @@ def _query(captions: list[str], images: tuple[int, ...] = ()) -> EvalQuery:
     candidates = [
         EmbedInput(text=t, image=Path("x.png")) if i in images else EmbedInput(text=t) for i, t in enumerate(captions)
     ]
-    return EvalQuery("t", "t:0", EmbedInput(text="query"), candidates)
+    return EvalQuery.from_inputs("t", "t:0", EmbedInput(text="query"), candidates)
 
 
 def hit_at_1(scores: list[np.ndarray], queries: list[EvalQuery]) -> float:

@@ -236,10 +236,29 @@ def _set(index: int, column: str, value):
 def test_bad_row_names_file_row_and_column(tmp_path, edit, row, column, reason):
     path = _rewrite(tmp_path, edit)
     with pytest.raises(DataError) as info:
-        load_scar_eval(path, MINI_SCAR, task="mini")
+        # strict_boxes: a box crossing the border is a bad row only then (by default it is scored as given)
+        load_scar_eval(path, MINI_SCAR, task="mini", strict_boxes=True)
     message = str(info.value)
     assert str(path) in message and "1 bad row(s)" in message
     assert f"row mini_scar.parquet:{row}, column {column!r}" in message and reason in message
+
+
+def test_boxes_crossing_the_border_are_scored_as_given_and_listed(tmp_path, raw_rows):
+    def edit(rows: list[dict]) -> None:
+        rows[7]["bbox"] = [600, 10, 50, 50]  # crosses its photo's right border
+        rows[8]["bbox"] = [-1, 10, 50, 50]
+
+    path = _rewrite(tmp_path, edit)
+    task = load_scar_eval(path, MINI_SCAR, task="mini")
+    assert task.boxes_outside_image == ["mini_scar.parquet:7", "mini_scar.parquet:8"] and len(task) == N_ROWS
+    box = task[7].query.prompt.box
+    assert box.xyxy == (600, 10, 650, 60) and box.outside_ok  # not clipped, in the prompt ...
+    assert task[7].query.text.endswith("Referring object bbox: [600, 10, 650, 60]")  # ... and in the text
+    assert not task[6].query.prompt.box.outside_ok
+    cropped = load_scar_eval(path, MINI_SCAR, task="mini", variant="crop")[7].query.image
+    assert cropped.size == (50, 50)  # PIL pads the part outside the photo
+    with pytest.raises(DataError, match=r"2 bad row\(s\).*:7, column 'bbox'.*outside.*:8, column 'bbox'"):
+        load_scar_eval(path, MINI_SCAR, task="mini", strict_boxes=True)
 
 
 def test_every_bad_row_is_counted(tmp_path):
@@ -444,6 +463,6 @@ def test_mmeb_family_from_the_task_name(mmeb_root):
 def test_eval_query_checks_positive_and_kinds():
     text = EmbedInput(text="a caption")
     with pytest.raises(DataError, match="positive"):
-        EvalQuery("t", "f:0", text, [text], positive=1)
+        EvalQuery.from_inputs("t", "f:0", text, [text], positive=1)
     with pytest.raises(DataError, match="candidate kinds"):
-        EvalQuery("t", "f:0", text, [text], candidate_kinds=["gt", "x"])
+        EvalQuery.from_inputs("t", "f:0", text, [text], candidate_kinds=["gt", "x"])

@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import FIXTURE
+from tests.conftest import FIXTURE, MINI_SCAR
 from tests.train.helpers import grads, mixed_batch, tiny_trainable
 from virtue.train.config import TrainConfig
 from virtue.train.gradcache import gradcache_step
@@ -117,7 +117,12 @@ def test_shares_of_different_modality_finish(tmp_path):
     data = run_config(tmp_path / "two", **source)
     data["loss"]["use_hard_negatives"] = False
     data["optim"]["max_steps"] = 2
+    scar = tmp_path / "scar"  # validation on rank 0 while the other process waits (must not hang either)
+    scar.mkdir()
+    (scar / "SCaR_eval_RefCOCOg.parquet").symlink_to(MINI_SCAR / "mini_scar.parquet")
+    data["eval"] = {"every": 2, "benchmark": "scar", "data_root": str(scar), "image_root": str(MINI_SCAR), "limit": 2}
     two = launch(tmp_path, data, "mixed")
+    assert any("eval" in json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines())
     data["output"]["dir"] = str(tmp_path / "one")
     single = train(TrainConfig.from_dict(data), show_progress_bar=False).losses
     np.testing.assert_allclose(two["losses"], single, rtol=0, atol=1e-6)

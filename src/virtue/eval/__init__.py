@@ -1,1 +1,2 @@
-"""Evaluation: SCaR and MMEB tasks, metrics (ties count against the positive), caches, baselines, reports."""
+"""Evaluation: SCaR and MMEB tasks read into tables of unique inputs, metrics (ties count against the positive,
+candidates named like it count as it), caches, baselines, reports, and several processes under torchrun."""

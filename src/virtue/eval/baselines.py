@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from virtue.eval.datasets import EvalQuery
+from virtue.eval.table import EvalQuery
 
 _PUNCTUATION = re.compile(r"[^\w\s]")
 
@@ -25,7 +25,7 @@ _PUNCTUATION = re.compile(r"[^\w\s]")
 def random_scores(queries: Sequence[EvalQuery], seed: int) -> list[np.ndarray]:
     """Uniform random scores, reproducible from `seed`; continuous, so ties (which count as misses) do not occur."""
     rng = np.random.default_rng(seed)
-    return [rng.random(len(q.candidates)) for q in queries]
+    return [rng.random(len(q.candidate_ids)) for q in queries]
 
 
 def caption_words(text: str) -> frozenset[str]:

@@ -1,8 +1,17 @@
-"""Evaluation rows -> `EvalQuery`: SCaR-Eval (virtue-spec §5.3) and MMEB-eval (§5.4) parquet files.
+"""Evaluation rows -> `EvalTask`: SCaR-Eval (virtue-spec §5.3) and MMEB-eval (§5.4) parquet files.
+
+A loaded task holds each distinct input once (`eval.table`): candidates repeated across rows (MMEB's 1,000 per
+query, SCaR's captions) are interned as the rows are read, under their official candidate name, and a query keeps
+int32 indices. Memory grows with the distinct inputs, not with the (query, candidate) pairs.
 
 Every row is validated when it is loaded. Unlike training (`virtue.train.data`), evaluation never drops a row:
 a score over fewer rows is not the benchmark's score, so any bad row raises `DataError` naming the file, the
 row id (`"<file name>:<row index>"`) and the column.
+
+SCaR boxes that cross the image border (a few rows of the released files) are scored as the official code
+scores them: the box as given, in the query text and as the SAM prompt, without clipping. The loader lists their
+row ids (`EvalTask.boxes_outside_image`); `strict_boxes=True` makes them bad rows instead. Boxes of zero or
+negative area are always bad rows.
 
 SCaR query variants (`load_scar_eval(variant=...)`), so that the harness can run ablations and baselines through
 the same model:
@@ -16,13 +25,17 @@ the same model:
 | `no_box` | whole image | none (the model's k x k grid) | no |
 | `crop` | the box cropped out (in memory) | none | no |
 | `text_only` | none | none | yes (no image placeholder) |
+| `box_text` | whole image | none | yes (for models without a SAM branch) |
 
 `box_mask` is the query a model trained with SCaR masks (`masks: true` in `virtue.train.data`) saw in training:
 `box`'s text and box, plus the mask; `virtue eval --scar-prompt box_mask` evaluates with it. `mask` and `point`
 keep the bbox out of the text on purpose: with it, the text would carry the region and the variant would no longer
 measure the prompt. Prompts stay in pixels of the original image; the model's compat
 setting decides how they reach SAM's frame (virtue-spec §2.2, §10.2). `crop` decodes every image when the file
-is loaded and keeps the crops in memory (about 18k for COCO-Stuff): use `limit` or one subset at a time.
+is loaded and keeps the crops in memory (about 18k for COCO-Stuff): use `limit` or one subset at a time; a box
+crossing the border is cropped as PIL crops it (the outside filled with black).
+
+MMEB-eval is read from one parquet file per task or from the hub layout (`eval.mmeb_layout`).
 """
 
 from __future__ import annotations
@@ -32,12 +45,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from virtue.errors import ConfigError, DataError
+from virtue.eval.table import EvalQuery, EvalTask, InputTable
 from virtue.inputs import EmbedInput
 from virtue.processing.text import DATASET_IMAGE_TOKEN, IMAGE_TOKEN, mmeb_candidate_text, mmeb_query_text
 from virtue.prompts import Box, Points, VisualPrompt
@@ -47,7 +61,7 @@ from virtue.rows import check_image_tokens as _checked_tokens
 from virtue.rows import check_prompt_part as _checked_prompt
 
 SCAR_SUBSETS = ("ADE20K", "COCO_Stuff", "RefCOCO_plus", "RefCOCOg", "VisualGenome")
-SCAR_VARIANTS = ("box", "box_mask", "mask", "point", "no_box", "crop", "text_only")
+SCAR_VARIANTS = ("box", "box_mask", "mask", "point", "no_box", "crop", "text_only", "box_text")
 # The variant that needs each optional column.
 _SCAR_VARIANT_COLUMNS = {"box_mask": "segmentation", "mask": "segmentation", "point": "point"}
 SCAR_COLUMNS = ("qry_text", "qry_image_path", "tgt_text", "bbox")
@@ -73,42 +87,17 @@ MMEB_OPTIONAL_COLUMNS = ("qry_inst", "tgt_inst", "tgt_img_path")
 BBOX_PREFIX = "Referring object bbox: "
 SHOWN_BAD_ROWS = 5
 
-# What a row becomes: the query, its candidates and their kinds (SCaR's neg_types).
-_Converted = tuple[EmbedInput, list[EmbedInput], list[str] | None]
+__all__ = ["EvalQuery", "EvalTask", "InputTable", "find_scar_files", "load_mmeb_eval", "load_scar_eval"]
 
 
-@dataclass(frozen=True, eq=False)
-class EvalQuery:
-    """One ranking problem: a query and its own candidates (the official `eval_type: local`, virtue-spec §8.1).
+class _Converted(NamedTuple):
+    """What a row becomes: table entries of the query and its candidates, their kinds (SCaR's neg_types), and
+    whether the row's box crosses the image border."""
 
-    Attributes:
-        task: the task name given to the loader (e.g. "RefCOCOg", "ImageNet-1K").
-        row_id: `"<file name>:<row index>"` of the source row.
-        query: what is embedded on the query side.
-        candidates: text-only or image (+ text) inputs, ranked against the query.
-        positive: index of the ground truth in `candidates` (0 in both benchmarks' files).
-        candidate_kinds: per candidate, SCaR's `neg_types` ("gt", "global_context", ...) when the file has them.
-    """
-
-    task: str
-    row_id: str
-    query: EmbedInput
-    candidates: list[EmbedInput]
-    positive: int = 0
-    candidate_kinds: list[str] | None = None
-
-    def __post_init__(self) -> None:
-        if not self.candidates:
-            raise DataError(f"{self.task} row {self.row_id}: no candidates")
-        if not 0 <= self.positive < len(self.candidates):
-            raise DataError(
-                f"{self.task} row {self.row_id}: positive {self.positive} not in [0, {len(self.candidates)})"
-            )
-        if self.candidate_kinds is not None and len(self.candidate_kinds) != len(self.candidates):
-            raise DataError(
-                f"{self.task} row {self.row_id}: {len(self.candidate_kinds)} candidate kinds "
-                f"for {len(self.candidates)} candidates"
-            )
+    query: int
+    candidates: np.ndarray
+    kinds: tuple[str, ...] | None = None
+    box_outside: bool = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -237,15 +226,27 @@ def _open_parquet(path: Path, required: Sequence[str], optional: Sequence[str]) 
     return file, [c for c in (*required, *optional) if c in found]
 
 
-def _rows(file: Any, columns: list[str], limit: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
-    # Batches: with `limit`, a 17k-row subset is only read up to its first N rows.
-    index = 0
-    for batch in file.iter_batches(256, columns=columns):
-        for row in batch.to_pylist():
-            if limit is not None and index >= limit:
-                return
-            yield index, row
-            index += 1
+class _Source(NamedTuple):
+    """One parquet file of a task, the columns to read and the prefix of its row ids."""
+
+    file: Any
+    columns: list[str]
+    label: str
+
+
+def _rows(sources: Sequence[_Source], limit: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(row id, row) over the files in turn; `limit` counts rows over all of them."""
+    count = 0
+    for source in sources:
+        index = 0
+        # Batches: with `limit`, a 17k-row subset is only read up to its first N rows.
+        for batch in source.file.iter_batches(256, columns=source.columns):
+            for row in batch.to_pylist():
+                if limit is not None and count >= limit:
+                    return
+                yield f"{source.label}:{index}", row
+                index += 1
+                count += 1
 
 
 def _check_limit(limit: int | None) -> None:
@@ -254,25 +255,35 @@ def _check_limit(limit: int | None) -> None:
 
 
 def _load(
-    path: Path, task: str, rows: Iterator[tuple[int, dict[str, Any]]], convert: Callable[[dict[str, Any]], _Converted]
-) -> list[EvalQuery]:
-    """Convert every row; collect all bad rows first so that one error lists them, then raise."""
+    where: str,
+    task: str,
+    table: InputTable,
+    rows: Iterator[tuple[str, dict[str, Any]]],
+    convert: Callable[[dict[str, Any]], _Converted],
+) -> EvalTask:
+    """Convert every row; collect all bad rows first so that one error lists them, then raise.
+
+    where: the file (or task folder) named by errors.
+    """
     queries: list[EvalQuery] = []
+    outside: list[str] = []
     bad: list[BadRow] = []
-    for index, row in rows:
-        row_id = f"{path.name}:{index}"
+    for row_id, row in rows:
         try:
-            query, candidates, kinds = convert(row)
+            converted = convert(row)
         except _BadValue as exc:
             bad.append(BadRow(task, row_id, exc.column, exc.reason))
             continue
-        queries.append(EvalQuery(task, row_id, query, candidates, 0, kinds))
+        queries.append(EvalQuery(task, row_id, table, converted.query, converted.candidates, 0, converted.kinds))
+        if converted.box_outside:
+            outside.append(row_id)
     if bad:
         first = "; ".join(str(b) for b in bad[:SHOWN_BAD_ROWS])
-        raise DataError(f"{path}: {len(bad)} bad row(s), and evaluation drops none; first: {first}")
+        raise DataError(f"{where}: {len(bad)} bad row(s), and evaluation drops none; first: {first}")
     if not queries:
-        raise DataError(f"{path}: no rows")
-    return queries
+        raise DataError(f"{where}: no rows")
+    table.seal()
+    return EvalTask(task, table, queries, outside)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,18 +315,26 @@ def find_scar_files(root: Path) -> dict[str, Path]:
 
 
 def load_scar_eval(
-    path: Path, image_root: Path, *, task: str, variant: str = "box", limit: int | None = None
-) -> list[EvalQuery]:
+    path: Path,
+    image_root: Path,
+    *,
+    task: str,
+    variant: str = "box",
+    limit: int | None = None,
+    strict_boxes: bool = False,
+) -> EvalTask:
     """Read a SCaR-Eval parquet into queries with the 10 captions as text-only candidates (ground truth first).
 
     image_root: folder that `qry_image_path` is relative to.
     variant: what the query gets (module docstring table); "box_mask" and "mask" need the `segmentation` column,
         "point" the `point` column (`ConfigError` otherwise).
     limit: keep the first N rows.
+    strict_boxes: a box crossing the image border is a bad row (default: scored as given and listed in
+        `EvalTask.boxes_outside_image`, as the official code scores it).
 
     Raises:
-        DataError: missing columns, or bad rows (unreadable image, bbox outside the image or of zero area,
-            not 10 non-empty captions, ...), each named by row id and column.
+        DataError: missing columns, or bad rows (unreadable image, bbox of zero area, not 10 non-empty captions,
+            ...), each named by row id and column.
     """
     if variant not in SCAR_VARIANTS:
         raise ConfigError(f"variant: expected one of {list(SCAR_VARIANTS)}, got {variant!r}")
@@ -325,8 +344,10 @@ def load_scar_eval(
     needed = _SCAR_VARIANT_COLUMNS.get(variant)
     if needed is not None and needed not in columns:
         raise ConfigError(f"variant {variant!r}: {path} has no {needed!r} column")
-    images = _Images(Path(image_root))
-    return _load(path, task, _rows(file, columns, limit), partial(_scar_row, images=images, variant=variant))
+    table = InputTable()
+    convert = partial(_scar_row, images=_Images(Path(image_root)), variant=variant, strict_boxes=strict_boxes,
+                      table=table)
+    return _load(str(path), task, table, _rows([_Source(file, columns, path.name)], limit), convert)
 
 
 @dataclass(frozen=True)
@@ -341,15 +362,22 @@ class _ScarRow:
     row: dict[str, Any]
 
 
-def _scar_row(row: dict[str, Any], images: _Images, variant: str) -> _Converted:
+def _scar_row(row: dict[str, Any], images: _Images, variant: str, strict_boxes: bool, table: InputTable) -> _Converted:
     qry_text = _string(row.get("qry_text"), "qry_text")
-    candidates = [EmbedInput(text=t) for t in _scar_captions(row.get("tgt_text"))]
+    captions = _scar_captions(row.get("tgt_text"))
     bbox = _numbers(row.get("bbox"), 4, "bbox", "[x, y, w, h]")
     image = images.path(row.get("qry_image_path"), "qry_image_path")
     size = images.size(image, "qry_image_path")
-    checked = _ScarRow(qry_text, bbox, _scar_box(bbox, size), image, size, row)
-    query = _checked_tokens(_scar_query(checked, images, variant), "qry_text")
-    return query, candidates, _scar_kinds(row.get("neg_types"))
+    box = _scar_box(bbox, size, strict_boxes)
+    query = _checked_tokens(_scar_query(_ScarRow(qry_text, bbox, box, image, size, row), images, variant), "qry_text")
+    kinds = _scar_kinds(row.get("neg_types"))
+    # The official candidate name of a SCaR caption is the caption itself (virtue-spec §5.3).
+    ids = np.fromiter((table.intern(("caption", t), partial(_caption, t)) for t in captions), np.int32)
+    return _Converted(table.add(query), ids, kinds, box_outside=box.outside_ok)
+
+
+def _caption(text: str) -> tuple[EmbedInput, str]:
+    return EmbedInput(text=text), text
 
 
 def _scar_captions(value: Any) -> list[str]:
@@ -359,22 +387,25 @@ def _scar_captions(value: Any) -> list[str]:
     return [_string(t, "tgt_text") for t in captions]
 
 
-def _scar_box(bbox: list[float], size: tuple[int, int]) -> Box:
+def _scar_box(bbox: list[float], size: tuple[int, int], strict: bool) -> Box:
+    """The row's box; one crossing the image border is opted in (`Box.outside_ok`) unless `strict`."""
     if bbox[2] <= 0 or bbox[3] <= 0:
         raise _BadValue("bbox", f"zero-area box [x, y, w, h] = {bbox}")
     box = Box.from_xywh(bbox)
+    if not strict and not box.is_inside(size):
+        box = Box.from_xywh(bbox, outside_ok=True)
     _checked_prompt(box, size, "bbox")
     return box
 
 
-def _scar_kinds(value: Any) -> list[str] | None:
+def _scar_kinds(value: Any) -> tuple[str, ...] | None:
     # neg_types is optional metadata (per-type accuracies); a malformed one is still a bad row, not ignored.
     if value is None:
         return None
     kinds = _listed(value, "neg_types")
     if len(kinds) != SCAR_NUM_CANDIDATES:
         raise _BadValue("neg_types", f"expected {SCAR_NUM_CANDIDATES} entries, got {len(kinds)}")
-    return [_string(k, "neg_types") for k in kinds]
+    return tuple(_string(k, "neg_types") for k in kinds)
 
 
 def _scar_query(r: _ScarRow, images: _Images, variant: str) -> EmbedInput:
@@ -385,6 +416,8 @@ def _scar_query(r: _ScarRow, images: _Images, variant: str) -> EmbedInput:
         return EmbedInput(scar_eval_query_text(r.qry_text, r.bbox), r.image, VisualPrompt(box=r.box, mask=mask))
     if variant == "text_only":
         return EmbedInput(scar_eval_query_text(r.qry_text, r.bbox, with_image=False))
+    if variant == "box_text":
+        return EmbedInput(scar_eval_query_text(r.qry_text, r.bbox), r.image)
     text = scar_eval_query_text(r.qry_text, None)
     if variant == "no_box":
         return EmbedInput(text, r.image)
@@ -433,28 +466,43 @@ def mmeb_family(task: str, family: str | None = None) -> str:
 
 
 def load_mmeb_eval(
-    path: Path, image_root: Path, *, task: str, family: str | None = None, limit: int | None = None
-) -> list[EvalQuery]:
-    """Read one MMEB-eval task parquet (VLM2Vec's `MMEB_Test_Instruct` / MMEB-eval layout), ground truth first.
+    path: Path | Sequence[Path],
+    image_root: Path,
+    *,
+    task: str,
+    family: str | None = None,
+    limit: int | None = None,
+    root: Path | None = None,
+) -> EvalTask:
+    """Read one MMEB-eval task (VLM2Vec's `MMEB_Test_Instruct` / MMEB-eval layout), ground truth first.
 
     Columns: `qry_text`, `qry_img_path`, `tgt_text` (list), and optionally `tgt_img_path` (list; absent or empty
     entries mean text candidates), `qry_inst` and `tgt_inst`. Without `qry_inst`, `qry_text` holds the whole
     instruction (the MMEB-eval v1 layout). Queries follow virtue-spec §5.4 through `mmeb_query_text`.
 
+    path: the task's parquet file, or its shards in order (the hub layout, `eval.mmeb_layout`).
     task: the MMEB task name; "VisDial" gets the extra trailing newline of the official t2i code.
     family: "cls", "i2t", "qa", "vg" (grounding and i2i) or "t2i" (text-only queries); None or a meta-task name
         takes the task's official family (`mmeb_family`).
+    root: row ids name files relative to it (`ImageNet-1K/test-00000-of-00001.parquet:3`); default: by file name.
     """
     family = mmeb_family(task, family)
     _check_limit(limit)
-    path = Path(path)
-    file, columns = _open_parquet(path, MMEB_COLUMNS, MMEB_OPTIONAL_COLUMNS)
-    images = _Images(Path(image_root))
-    convert = partial(_mmeb_row, images=images, task=task, family=family)
-    return _load(path, task, _rows(file, columns, limit), convert)
+    paths = [Path(path)] if isinstance(path, (str, Path)) else [Path(p) for p in path]
+    if not paths:
+        raise ConfigError(f"task {task}: no parquet file given")
+    sources = []
+    for file_path in paths:
+        file, columns = _open_parquet(file_path, MMEB_COLUMNS, MMEB_OPTIONAL_COLUMNS)
+        label = file_path.relative_to(root).as_posix() if root is not None else file_path.name
+        sources.append(_Source(file, columns, label))
+    table = InputTable()
+    convert = partial(_mmeb_row, images=_Images(Path(image_root)), task=task, family=family, table=table)
+    where = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent} ({len(paths)} files)"
+    return _load(where, task, table, _rows(sources, limit), convert)
 
 
-def _mmeb_row(row: dict[str, Any], images: _Images, task: str, family: str) -> _Converted:
+def _mmeb_row(row: dict[str, Any], images: _Images, task: str, family: str, table: InputTable) -> _Converted:
     query = _checked_tokens(_mmeb_query(row, images, task, family), "qry_text")
     texts = [_string(t, "tgt_text", allow_empty=True) for t in _listed(row.get("tgt_text"), "tgt_text")]
     if not texts:
@@ -463,8 +511,25 @@ def _mmeb_row(row: dict[str, Any], images: _Images, task: str, family: str) -> _
     instruction = row.get("tgt_inst")
     if instruction is not None:
         instruction = _string(instruction, "tgt_inst", allow_empty=True)
-    candidates = [_mmeb_candidate(t, p, instruction, images, family) for t, p in zip(texts, paths, strict=True)]
-    return query, candidates, None
+    # A candidate repeated in many rows (MMEB draws 1,000 per query from a few thousand) is checked once.
+    ids = np.fromiter(
+        (table.intern((t, p, instruction), partial(_mmeb_candidate, t, p, instruction, images, family))
+         for t, p in zip(texts, paths, strict=True)),
+        np.int32, count=len(texts),
+    )
+    return _Converted(table.add(query), ids)
+
+
+def mmeb_candidate_name(text: str, path: str, family: str) -> str:
+    """The official candidate key (virtue-spec §5.4): the image path for t2i, `path:caption` for i2i / VG (the
+    caption's double quotes stripped, as VLM2Vec does), the text otherwise and for any text-only candidate."""
+    if not path:
+        return text
+    if family == "t2i":
+        return path
+    if family == "vg":
+        return f"{path}:{text.strip(chr(34))}"
+    return text
 
 
 def _mmeb_query(row: dict[str, Any], images: _Images, task: str, family: str) -> EmbedInput:
@@ -499,12 +564,15 @@ def _mmeb_target_paths(value: Any, count: int) -> list[str]:
     return paths
 
 
-def _mmeb_candidate(text: str, path: str, instruction: str | None, images: _Images, family: str) -> EmbedInput:
+def _mmeb_candidate(
+    text: str, path: str, instruction: str | None, images: _Images, family: str
+) -> tuple[EmbedInput, str]:
+    name = mmeb_candidate_name(text, path, family)
     if not path:
         if not text.strip():
             raise _BadValue("tgt_text", "empty text and no image")
-        return _checked_tokens(EmbedInput(text), "tgt_text")
+        return _checked_tokens(EmbedInput(text), "tgt_text"), name
     image = images.path(path, "tgt_img_path")
     images.size(image, "tgt_img_path")
     side = EmbedInput(_mmeb_image_candidate_text(instruction, text, family), image)
-    return _checked_tokens(side, "tgt_text")
+    return _checked_tokens(side, "tgt_text"), name

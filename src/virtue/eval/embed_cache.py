@@ -27,7 +27,8 @@ def model_fingerprint(model: torch.nn.Module, config_json: str) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # The array itself, not `.tobytes()`: hashing a copy would double a multi-GB model's memory for a moment.
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
     return h.hexdigest()[:32]
 
 
@@ -62,14 +63,23 @@ class InputKeys:
 
 
 class EmbeddingCache:
-    """key -> float32 vector, in one SQLite file per model fingerprint."""
+    """key -> float32 vector, in one SQLite file per model fingerprint.
 
-    def __init__(self, cache_dir: str | Path, fingerprint: str):
+    readonly: open an existing file for lookups only. Several evaluation processes share one file this way: rank 0
+    creates it and is its only writer (`eval.runner`), the others read; SQLite's locking serialises the two, and
+    the timeout lets a reader wait for a commit in progress.
+    """
+
+    def __init__(self, cache_dir: str | Path, fingerprint: str, *, readonly: bool = False, timeout_s: float = 120.0):
         path = Path(cache_dir) / f"embeddings-{fingerprint}.sqlite"
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(str(path))
+        if readonly:
+            self.db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=timeout_s)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), timeout=timeout_s)
         self.db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
+        self.db.commit()
 
     def get_many(self, keys: list[str]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}

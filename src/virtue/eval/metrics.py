@@ -4,6 +4,11 @@ The official scorer puts the positive first and sorts stably, so a tie always fa
 returns the same score for every candidate reaches 100 % (virtue-spec §8.1). Here the rank of the positive is
 ``1 + #(other candidates scoring >= the positive)``: the same constant model ranks the positive last.
 
+Candidates named like the positive (`rank_by_name`): the official scorer ranks candidate *names* and counts a hit
+when the top name is the positive's, so a duplicate of the positive is a hit, not a tie lost. `rank_by_name`
+follows it: candidates sharing the positive's name count as the positive (its score is their best), and only
+candidates with another name are counted against it, ties included.
+
 Ranks are 1-based integers. Every metric is a fraction in [0, 1]; reports multiply by 100.
 """
 
@@ -58,6 +63,33 @@ def rank_of_positive(scores: np.ndarray, positive: int = 0) -> int:
     if scores.ndim != 1:
         raise ValueError(f"scores: expected a [C] array, got shape {scores.shape}")
     return int(scores_to_ranks(scores[None, :], [positive])[0])
+
+
+def rank_by_name(scores: np.ndarray, positive: int, names: np.ndarray) -> int:
+    """1-based rank of the positive when candidates named like it count as the positive.
+
+    Args:
+        scores: [C] candidate scores.
+        positive: index of the positive.
+        names: [C] candidate names (or name ids); equal values mean the same candidate for the official scorer.
+
+    Returns:
+        1 + the number of candidates with another name scoring >= the best score among the positive's name.
+        With unique names this equals `rank_of_positive`.
+
+    Raises:
+        ValueError: shapes differ, ``positive`` is out of range, or a score is NaN.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    names = np.asarray(names)
+    if scores.ndim != 1 or names.shape != scores.shape:
+        raise ValueError(f"scores and names: expected two [C] arrays, got shapes {scores.shape} and {names.shape}")
+    if not 0 <= positive < scores.size:
+        raise ValueError(f"positive = {positive} is outside 0..{scores.size - 1}")
+    if np.isnan(scores).any():
+        raise ValueError(f"scores: {int(np.isnan(scores).sum())} NaN score(s)")
+    same = names == names[positive]
+    return 1 + int((scores[~same] >= scores[same].max()).sum())
 
 
 def _as_ranks(ranks: Sequence[int] | np.ndarray) -> np.ndarray:

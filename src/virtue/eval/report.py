@@ -21,6 +21,7 @@ PRIMARY_METRIC = "hit@1"  # = Precision@1 with one positive: the paper's reporte
 PAPER_RESULTS_FILE = "paper_results.json"
 DEFAULT_PAPER_SETTING = "base"
 _MISSING = "–"
+SHOWN_ROWS = 10  # row ids listed in results.md per subset (results.json lists them all)
 # Metrics that are fractions in [0, 1]; "n" (a count) and unknown extra metrics are not range-checked.
 _FRACTION_METRIC = re.compile(r"^(?:(?:hit|recall|ndcg|precision)@\d+|mrr)$")
 
@@ -36,7 +37,10 @@ class EvalReport:
         tasks: task name -> `ranking_metrics` dict (fractions in [0, 1], plus "n" queries).
         aggregates: `tasks.aggregate` of the per-task hit@1 (fractions, plus "n_tasks/<aggregate>").
         baselines: baseline name -> task name -> metrics dict (same units as ``tasks``).
-        timings: name -> number; the name carries the unit, e.g. {"embed_s": 12.5, "encoded_inputs": 900}.
+        timings: name -> number; the name carries the unit, e.g. {"embed_s": 12.5, "encoded_inputs": 900}. The
+            only part that differs between a one-process and a multi-process run.
+        boxes_outside_image: SCaR task -> {"count": n, "rows": [row ids]}: rows whose box crosses the image
+            border, scored with the box as given (as the official code scores them); every SCaR task is listed.
 
     Raises:
         ValueError: a hit@k / recall@k / nDCG@k / precision@k / MRR or an aggregate outside [0, 1] (percentages
@@ -50,6 +54,7 @@ class EvalReport:
     aggregates: dict[str, float] = field(default_factory=dict)
     baselines: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    boxes_outside_image: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         checks = [(f"tasks[{t!r}]", m) for t, m in self.tasks.items()]
@@ -215,9 +220,15 @@ def render_markdown(report: EvalReport, paper: PaperColumn | None = None) -> str
     lines = [f"# Evaluation of `{report.model}`", "", f"- fingerprint: `{report.fingerprint or 'unknown'}`"]
     lines += [f"- {k}: `{v}`" for k, v in report.settings.items()]
     lines += ["", f"Metric: {PRIMARY_METRIC} ×100; ties between the positive and another candidate count against"]
-    lines += ["the positive (the official scorer counts them for it).", "", *_main_table(report, paper)]
+    lines += ["the positive (the official scorer counts them for it); candidates named like the positive count as it,"]
+    lines += ["as in the official scorer.", "", *_main_table(report, paper)]
     if report.baselines:
         lines += ["", f"## Baselines ({PRIMARY_METRIC} ×100)", "", *_baselines_table(report)]
+    outside = {t: v for t, v in report.boxes_outside_image.items() if v.get("count")}
+    if outside:
+        lines += ["", "Boxes crossing the image border, scored as given (as the official code scores them):"]
+        lines += [f"- {t}: {v['count']} row(s): {', '.join(v['rows'][:SHOWN_ROWS])}"
+                  + (" ..." if v["count"] > SHOWN_ROWS else "") for t, v in outside.items()]
     if report.timings:
         lines += ["", "Timings: " + ", ".join(f"{k}={round(v, 2):g}" for k, v in report.timings.items())]
     if paper:

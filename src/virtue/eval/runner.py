@@ -1,6 +1,24 @@
-"""`run_eval(model, EvalConfig) -> EvalReport`: load each task, embed what the cache lacks (batched by
-modality, progress bar), score every query against its own candidates, rank with ties against the
-positive, aggregate, and run the baselines through the same path."""
+"""`run_eval(model, EvalConfig) -> EvalReport`: load each task, embed its unique inputs (through the cache, batched
+by modality, split over the processes under torchrun), score every query against its own candidates, aggregate,
+and run the baselines through the same path.
+
+Memory grows with a task's unique inputs, not with its (query, candidate) pairs: a loaded task holds each
+distinct input once (`eval.table`), only those are embedded into one [U, D] matrix, and queries are scored one at
+a time from it.
+
+Scoring rules (virtue-spec §8.1, §5.4):
+
+* **Ties count against the positive**: rank = 1 + the number of other candidates scoring >= it (`eval.metrics`).
+  The official scorer sorts stably with the positive first, so a constant model scores 100 % there, 0 here.
+* **Candidates named like the positive count as the positive**, as in the official scorer, which ranks candidate
+  names (the text for CLS / QA / i2t, the image path for t2i, `path:caption` for i2i / VG, the caption for SCaR)
+  and counts a hit when the top name is the positive's. A duplicate of the positive is therefore a hit, not a
+  tie lost; a candidate with another name and the same score still counts against the positive.
+
+Several processes: under `torchrun` (or any initialised process group), each rank embeds a contiguous share of
+every task's unique inputs; rank 0 gathers them, is the only writer of the embedding cache (the others read it),
+scores, and writes results.json / .md / .png, which equal one process's except the timings.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +32,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from virtue.errors import ConfigError
+from virtue.eval.distributed import Ranks
 from virtue.eval.embed_cache import EmbeddingCache, InputKeys, model_fingerprint
-from virtue.eval.metrics import ranking_metrics, scores_to_ranks
+from virtue.eval.metrics import rank_by_name, ranking_metrics
+from virtue.eval.table import EvalTask
 from virtue.eval.tasks import TaskSpec, aggregate, get_tasks
 from virtue.inputs import EmbedInput
 from virtue.model.embedder import VirtueModel
@@ -26,13 +46,18 @@ MODEL_BASELINES = ("text_only", "no_box", "crop")  # the same model, the query s
 # SCaR query protocols (`eval.datasets` variants): the paper's box, or box + mask for models trained with masks.
 SCAR_PROMPTS = ("box", "box_mask")
 FREE_BASELINES = ("random", "consensus")  # no model at all
+# A model without a SAM branch cannot read a visual prompt: the SCaR box then reaches it through the text only.
+SAMLESS_VARIANT = "box_text"
+SAMLESS_NOTE = "none: the model has no SAM branch, so the SCaR box is in the query text only"
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """Attributes:
     benchmark: "scar" or "mmeb".
-    data_root: folder with the evaluation parquet files; image_root: their images.
+    data_root: folder with the evaluation parquet files (MMEB: one per task, or the hub snapshot layout, see
+        `eval.mmeb_layout`).
+    image_root: the images' folder (default: SCaR, the data root; MMEB, `<data_root>/eval_images` when present).
     tasks: task names (None: every task of the benchmark found under data_root).
     limit: first N queries per task (quick runs).
     image_resize: (W, H) pre-resize; None takes the model's `compat.eval_image_resize` (1344x1344 for the
@@ -40,7 +65,12 @@ class EvalConfig:
     baselines: any of text_only, no_box, crop (model-based) and random, consensus (model-free).
     scar_variant: the SCaR query protocol: "box" (the paper's: box prompt and bbox in the text) or "box_mask"
         (the same plus the `segmentation` polygon as a mask prompt, for models trained with `masks: true`).
-        Ignored for MMEB.
+        Ignored for MMEB. A model without a SAM branch gets the box in the text only (`SAMLESS_NOTE`).
+    strict_boxes: a SCaR box crossing its image's border is a `DataError` (default: scored as given, as the
+        official code does, and listed in the report's `boxes_outside_image`).
+    distributed: None (default) splits the work over the ranks when a process group is initialised or torchrun's
+        WORLD_SIZE > 1 (every rank must call `run_eval`); False evaluates in this process alone, e.g. when one rank
+        of a training job validates while the others wait; True requires several processes.
     """
 
     benchmark: str
@@ -52,6 +82,8 @@ class EvalConfig:
     image_resize: tuple[int, int] | None | str = None
     baselines: tuple[str, ...] = ()
     scar_variant: str = "box"
+    strict_boxes: bool = False
+    distributed: bool | None = None
     cache_dir: str | None = ".virtue-cache"
     out_dir: str = "outputs/eval"
     seed: int = 0
@@ -83,135 +115,244 @@ def _resize(cfg: EvalConfig, model: VirtueModel) -> tuple[int, int] | None:
 
 
 class Embedder:
-    """encode() through the on-disk cache: only inputs never seen by this model and settings are run."""
+    """Embeds a task's unique inputs through the on-disk cache: only inputs never seen by this model and settings
+    are run, each rank its share (`Ranks.share`)."""
 
-    def __init__(self, model: VirtueModel, cfg: EvalConfig):
+    def __init__(self, model: VirtueModel, cfg: EvalConfig, ranks: Ranks | None = None):
         self.model, self.cfg = model, cfg
+        self.ranks = ranks or Ranks()
         self.resize = _resize(cfg, model)
         self.keys = InputKeys({"image_resize": self.resize})
         self.fingerprint = model_fingerprint(model, json.dumps(model.config.to_dict(), sort_keys=True))
-        self.cache = EmbeddingCache(cfg.cache_dir, self.fingerprint) if cfg.cache_dir else None
-        self.encoded = 0
+        self.cache: EmbeddingCache | None = None
+        if cfg.cache_dir:
+            # Rank 0 creates the file and is its only writer; the others open it for lookups once it exists.
+            if self.ranks.is_main:
+                self.cache = EmbeddingCache(cfg.cache_dir, self.fingerprint)
+            self.ranks.barrier()
+            if not self.ranks.is_main:
+                self.cache = EmbeddingCache(cfg.cache_dir, self.fingerprint, readonly=True)
+        self.encoded = 0  # inputs this rank ran through the model
 
-    def embed(self, items: list[EmbedInput], desc: str) -> np.ndarray:
-        keys = [self.keys.key(x) for x in items]
-        unique = dict.fromkeys(keys)
-        found = self.cache.get_many(list(unique)) if self.cache is not None else {}
-        missing = [k for k in unique if k not in found]
-        first = {k: items[i] for i, k in reversed(list(enumerate(keys)))}
+    def embed(self, items: list[EmbedInput], desc: str) -> np.ndarray | None:
+        """[len(items), D] float32 on rank 0 (None on the other ranks); each rank embeds `share(len(items))`."""
+        share = self.ranks.share(len(items))
+        vectors = self._embed_share([items[i] for i in share], desc)
+        return self.ranks.gather_rows(vectors, len(items))
+
+    def _embed_share(self, items: list[EmbedInput], desc: str) -> np.ndarray:
+        out = np.empty((len(items), self.model.config.hidden_size), dtype=np.float32)
+        rows: dict[str, list[int]] = {}  # cache key -> rows of `items` (content-equal inputs share one vector)
+        for i, item in enumerate(items):
+            rows.setdefault(self.keys.key(item), []).append(i)
+        missing = self._fill_cached(list(rows), rows, out)
         chunk = max(self.cfg.batch_size * 8, 64)  # commit often enough that an interruption loses little
-        bar = tqdm(total=len(missing), desc=desc, unit="input", disable=not self.cfg.show_progress_bar or not missing)
-        for start in range(0, len(missing), chunk):
-            part = missing[start : start + chunk]
-            vecs = self.model.encode([first[k] for k in part], batch_size=self.cfg.batch_size,
-                                     image_resize=self.resize, show_progress_bar=False)
-            new = dict(zip(part, vecs, strict=True))
-            found.update(new)
-            if self.cache is not None:
-                self.cache.put_many(new)
-            self.encoded += len(part)
-            bar.update(len(part))
-        bar.close()
-        return np.stack([found[k] for k in keys])
+        rounds = self.ranks.max(-(-len(missing) // chunk))  # every rank takes part in every round's gather
+        show = self.cfg.show_progress_bar and self.ranks.is_main and rounds > 0
+        with tqdm(total=len(missing), desc=desc, unit="input", disable=not show) as bar:
+            for start in range(0, rounds * chunk, chunk):
+                part = missing[start : start + chunk]
+                vecs = self._encode([items[rows[k][0]] for k in part])
+                for key, vec in zip(part, vecs, strict=True):
+                    out[rows[key]] = vec
+                self._store(dict(zip(part, vecs, strict=True)))
+                self.encoded += len(part)
+                bar.update(len(part))
+        return out
+
+    def _fill_cached(self, keys: list[str], rows: dict[str, list[int]], out: np.ndarray) -> list[str]:
+        """Copy cached vectors into `out` (a few hundred at a time, so that they are not all held twice);
+        return the keys the cache lacks."""
+        if self.cache is None:
+            return keys
+        missing = []
+        for start in range(0, len(keys), 512):
+            part = keys[start : start + 512]
+            found = self.cache.get_many(part)
+            for key in part:
+                if key in found:
+                    out[rows[key]] = found[key]
+                else:
+                    missing.append(key)
+        return missing
+
+    def _encode(self, items: list[EmbedInput]) -> np.ndarray:
+        if not items:
+            return np.empty((0, self.model.config.hidden_size), dtype=np.float32)
+        return self.model.encode(items, batch_size=self.cfg.batch_size, image_resize=self.resize,
+                                 show_progress_bar=False)
+
+    def _store(self, new: dict[str, np.ndarray]) -> None:
+        """Rank 0 writes every rank's new vectors (one SQLite writer); each round is committed, so an interrupted
+        run resumes from the last round of every rank."""
+        if self.cache is None:
+            return
+        batches = self.ranks.gather_objects(new)
+        if batches is not None:
+            merged = {k: v for batch in batches for k, v in batch.items()}
+            if merged:
+                self.cache.put_many(merged)
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
 
 
-def _load(task: TaskSpec, cfg: EvalConfig, variant: str):
+def _load(task: TaskSpec, cfg: EvalConfig, variant: str) -> EvalTask:
     from virtue.eval import datasets
+    from virtue.eval.mmeb_layout import mmeb_image_root, mmeb_task_files
 
     root = Path(cfg.data_root)
-    image_root = Path(cfg.image_root) if cfg.image_root else root
     if task.benchmark == "scar":
         files = datasets.find_scar_files(root)
         if task.file_stem not in files:
             raise ConfigError(f"{root}: no file for task {task.name} (expected {task.file_stem}.parquet)")
+        image_root = Path(cfg.image_root) if cfg.image_root else root
         return datasets.load_scar_eval(files[task.file_stem], image_root, task=task.name, variant=variant,
-                                       limit=cfg.limit)
-    path = root / f"{task.file_stem}.parquet"
-    if not path.is_file():
-        raise ConfigError(f"{root}: no file for task {task.name} (expected {path.name})")
-    return datasets.load_mmeb_eval(path, image_root, task=task.name, family=task.meta, limit=cfg.limit)
+                                       limit=cfg.limit, strict_boxes=cfg.strict_boxes)
+    files = mmeb_task_files(root, task.file_stem)
+    if not files:
+        raise ConfigError(f"{root}: no file for task {task.name} (expected {task.file_stem}.parquet or "
+                          f"{task.file_stem}/test-*.parquet)")
+    image_root = Path(cfg.image_root) if cfg.image_root else mmeb_image_root(root)
+    return datasets.load_mmeb_eval(files, image_root, task=task.name, family=task.meta, limit=cfg.limit, root=root)
 
 
-def score_queries(embedder: Embedder, queries, desc: str) -> np.ndarray:
-    """Ranks of the positives: every query against its own candidates only."""
-    q = embedder.embed([x.query for x in queries], f"{desc} queries")
-    flat = [c for x in queries for c in x.candidates]
-    c = embedder.embed(flat, f"{desc} candidates")
-    scores, start = [], 0
-    for row, x in zip(q, queries, strict=True):
-        scores.append(c[start : start + len(x.candidates)] @ row)
-        start += len(x.candidates)
-    return _ranks(scores, [x.positive for x in queries])
+def score_task(task: EvalTask, vectors: np.ndarray) -> np.ndarray:
+    """Ranks of the positives, one query at a time from the task's [U, D] vectors (module docstring's rules)."""
+    names = task.table.name_ids
+    ranks = np.empty(len(task), dtype=np.int64)
+    for n, query in enumerate(task):
+        ids = query.candidate_ids
+        ranks[n] = rank_by_name(_scores(vectors, query.query_id, ids), query.positive, names[ids])
+    return ranks
 
 
-def _ranks(scores: list[np.ndarray], positives: list[int]) -> np.ndarray:
-    width = max(len(s) for s in scores)
-    if all(len(s) == width for s in scores):
-        return scores_to_ranks(np.stack(scores), positives)
-    from virtue.eval.metrics import rank_of_positive
+def _scores(vectors: np.ndarray, query: int, ids: np.ndarray) -> np.ndarray:
+    # A candidate listed twice is scored once, so that its copies tie exactly (BLAS need not give two equal rows
+    # bit-equal dot products).
+    unique, inverse = np.unique(ids, return_inverse=True)
+    if len(unique) == len(ids):
+        return vectors[ids] @ vectors[query]
+    return (vectors[unique] @ vectors[query])[inverse]
 
-    return np.array([rank_of_positive(s, p) for s, p in zip(scores, positives, strict=True)])
 
-
-def _free_baseline(name: str, queries, seed: int) -> np.ndarray:
+def _free_baseline(name: str, task: EvalTask, seed: int) -> np.ndarray:
     from virtue.eval import baselines
 
-    scores = baselines.random_scores(queries, seed) if name == "random" else baselines.consensus_scores(queries)
-    return _ranks(list(scores), [x.positive for x in queries])
+    scores = baselines.random_scores(task, seed) if name == "random" else baselines.consensus_scores(task)
+    names = task.table.name_ids
+    return np.array([rank_by_name(s, q.positive, names[q.candidate_ids]) for s, q in zip(scores, task, strict=True)])
 
 
 def available_tasks(cfg: EvalConfig) -> list[TaskSpec]:
+    """The tasks asked for, or (none asked) every task of the benchmark whose files are under data_root."""
     tasks = get_tasks(list(cfg.tasks) if cfg.tasks else None, benchmark=cfg.benchmark)
-    if cfg.tasks or cfg.benchmark != "scar":
+    if cfg.tasks:
         return tasks
-    from virtue.eval.datasets import find_scar_files
+    root = Path(cfg.data_root)
+    if cfg.benchmark == "scar":
+        from virtue.eval.datasets import find_scar_files
 
-    present = find_scar_files(Path(cfg.data_root))
-    found = [t for t in tasks if t.file_stem in present]
+        present = set(find_scar_files(root))
+        found = [t for t in tasks if t.file_stem in present]
+        if not found:
+            raise ConfigError(f"{root}: no SCaR-Eval parquet files (SCaR_eval_<subset>.parquet) found")
+        return found
+    from virtue.eval.mmeb_layout import mmeb_task_files
+
+    if not root.is_dir():
+        raise ConfigError(f"MMEB root: folder not found: {root}")
+    found = [t for t in tasks if mmeb_task_files(root, t.file_stem)]
     if not found:
-        raise ConfigError(f"{cfg.data_root}: no SCaR-Eval parquet files (SCaR_eval_<subset>.parquet) found")
+        raise ConfigError(f"{root}: no MMEB-eval task found (<Task>.parquet, or <Task>/test-*.parquet as the hub "
+                          "snapshot holds them)")
+    if len(found) < len(tasks):
+        logger.warning("%s: %d of %d MMEB tasks found; missing: %s", root, len(found), len(tasks),
+                       ", ".join(t.name for t in tasks if t not in found))
     return found
 
 
 def run_eval(model: VirtueModel, cfg: EvalConfig, model_name: str = "model", paper_model: str | None = None):
     """Evaluate, write results.json / results.md / results.png under cfg.out_dir, return the report.
 
+    Under torchrun (WORLD_SIZE > 1, or an initialised process group; see `EvalConfig.distributed`) every rank calls
+    this with its own model copy; the inputs are split over the ranks and rank 0 writes the files. Every rank
+    returns the report.
+
     paper_model: the paper row to compare with (e.g. "Sony/VIRTUE-2B-SCaR" or "VIRTUE-2B"); default: the
     row of `model_name` when it names a released checkpoint.
     """
-    from virtue.eval.report import EvalReport, write_report
-
     start = time.perf_counter()
-    embedder = Embedder(model, cfg)
+    ranks = Ranks.setup(model.device, cfg.distributed)
+    embedder = None
+    try:
+        embedder = Embedder(model, cfg, ranks)
+        report = _run(model, cfg, embedder, ranks, model_name, start)
+        if ranks.is_main:
+            from virtue.eval.report import write_report
+
+            write_report(report, Path(cfg.out_dir), paper_model=paper_model or _released_row(model_name))
+        ranks.barrier()  # the files exist on every rank's return
+        return ranks.broadcast(report)
+    finally:
+        if embedder is not None:
+            embedder.close()
+        ranks.close()
+
+
+def _run(model: VirtueModel, cfg: EvalConfig, embedder: Embedder, ranks: Ranks, model_name: str, start: float):
+    from virtue.eval.report import EvalReport
+
+    samless = model.sam is None
+    variant = SAMLESS_VARIANT if samless else cfg.scar_variant
     per_task: dict[str, dict[str, float]] = {}
     base: dict[str, dict[str, dict[str, float]]] = {}
-    for task in available_tasks(cfg):
-        queries = _load(task, cfg, cfg.scar_variant)
-        per_task[task.name] = ranking_metrics(score_queries(embedder, queries, task.name))
+    outside: dict[str, dict] = {}
+    for spec in available_tasks(cfg):
+        task = _load(spec, cfg, variant)
+        if spec.benchmark == "scar":
+            outside[spec.name] = {"count": len(task.boxes_outside_image), "rows": list(task.boxes_outside_image)}
+        per_task[spec.name] = _evaluate(task, embedder, spec.name)
         for name in cfg.baselines:
             if name in FREE_BASELINES:
-                ranks = _free_baseline(name, queries, cfg.seed)
+                metrics = ranking_metrics(_free_baseline(name, task, cfg.seed)) if ranks.is_main else {}
+            elif spec.benchmark == "scar":  # region baselines only make sense where there is a region
+                metrics = _evaluate(_load(spec, cfg, name), embedder, f"{spec.name}/{name}")
             else:
-                if task.benchmark != "scar":
-                    continue  # region baselines only make sense where there is a region
-                ranks = score_queries(embedder, _load(task, cfg, name), f"{task.name}/{name}")
-            base.setdefault(name, {})[task.name] = ranking_metrics(ranks)
-    hit1 = {t: m["hit@1"] for t, m in per_task.items()}
-    report = EvalReport(
+                continue
+            base.setdefault(name, {})[spec.name] = metrics
+    encoded = ranks.counts(embedder.encoded)
+    settings = {"benchmark": cfg.benchmark, "limit": cfg.limit, "image_resize": embedder.resize,
+                "compat": model.config.compat.__dict__, "data_root": cfg.data_root}
+    if cfg.benchmark == "scar":
+        settings.update(scar_variant=cfg.scar_variant, strict_boxes=cfg.strict_boxes)
+        if samless:
+            settings["visual_prompt"] = SAMLESS_NOTE
+    timings: dict[str, float] = {"total_s": round(time.perf_counter() - start, 2), "encoded_inputs": sum(encoded)}
+    if ranks.world > 1:
+        timings["processes"] = ranks.world
+        timings.update({f"encoded_inputs_rank{r}": n for r, n in enumerate(encoded)})
+    if not ranks.is_main:
+        return None
+    return EvalReport(
         model=model_name,
         fingerprint=embedder.fingerprint,
-        settings={"benchmark": cfg.benchmark, "limit": cfg.limit, "image_resize": embedder.resize,
-                  "compat": model.config.compat.__dict__, "data_root": cfg.data_root,
-                  **({"scar_variant": cfg.scar_variant} if cfg.benchmark == "scar" else {})},
+        settings=settings,
         tasks=per_task,
-        aggregates=aggregate(hit1),
+        aggregates=aggregate({t: m["hit@1"] for t, m in per_task.items()}),
         baselines=base,
-        timings={"total_s": round(time.perf_counter() - start, 2), "encoded_inputs": embedder.encoded},
+        timings=timings,
+        boxes_outside_image=outside,
     )
-    if embedder.cache is not None:
-        embedder.cache.close()
-    write_report(report, Path(cfg.out_dir), paper_model=paper_model or _released_row(model_name))
-    return report
+
+
+def _evaluate(task: EvalTask, embedder: Embedder, desc: str) -> dict[str, float]:
+    """The task's metrics on rank 0 ({} on the other ranks, which only embed their share)."""
+    vectors = embedder.embed(task.table.inputs, desc)
+    if vectors is None:
+        return {}
+    return ranking_metrics(score_task(task, vectors))
 
 
 def _released_row(model_name: str) -> str | None:

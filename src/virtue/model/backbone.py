@@ -7,6 +7,7 @@ import torch
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLModel
 
 from virtue.config import qwen_config
+from virtue.model.vision_attention import group_vision_attention
 
 
 def build_qwen(backbone: dict, attn_implementation: str = "sdpa") -> Qwen2VLModel:
@@ -19,6 +20,7 @@ def build_qwen(backbone: dict, attn_implementation: str = "sdpa") -> Qwen2VLMode
     model = Qwen2VLModel(config)
     for p in model.parameters():
         p.data = p.data.to(torch.get_default_dtype())
+    group_vision_attention(model.visual)  # small same-size images: one attention call per block, not a loop
     return model
 
 

@@ -212,6 +212,17 @@ class VirtueModel(nn.Module):
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         save_native(path, self.config, state, self.processor.tokenizer)
 
+    def compile_towers(self, *, sam: bool = True, vision: bool = True, **compile_kwargs: Any) -> VirtueModel:
+        """Opt-in `torch.compile` of the per-image towers: SAM2's image encoder (fixed S x S input: one graph) and
+        the Qwen ViT (token counts vary with the image: compiled with dynamic shapes). In place, so weights,
+        names and checkpoints are unchanged; the first batches pay the compilation. See benchmarks/throughput.py
+        (`--compile`) for what it buys on a given machine."""
+        if sam and self.sam is not None:
+            self.sam.model.vision_encoder.compile(**compile_kwargs)
+        if vision:
+            self.qwen.visual.compile(**{"dynamic": True, **compile_kwargs})
+        return self
+
     # ----------------------------------------------------------------- forward
     @property
     def device(self) -> torch.device:
@@ -325,13 +336,12 @@ class VirtueModel(nn.Module):
             if key not in todo and cache.get(key) is None:
                 todo[key] = img
         if todo:
-            prepared = [self.processor.prepare_image(img, self.device) for img in todo.values()]
+            prepared = [self.processor.prepare_image(img) for img in todo.values()]
             with torch.set_grad_enabled(torch.is_grad_enabled() and self._vision_trains()):
                 vision = self._vision_tower(prepared)
                 sam = None
                 if self.sam is not None:
-                    # per image, so that pinned worker tensors are copied asynchronously
-                    pixels = torch.stack([p.sam_pixels.to(self.device, non_blocking=True) for p in prepared])
+                    pixels = torch.stack([self.processor.sam_input(p, self.device) for p in prepared])
                     sam = self.sam.encode_images(pixels.to(self._sam_dtype()))
             for n, (key, img) in enumerate(todo.items()):
                 cache.put(key, ImageFeatures(vision[n], None if sam is None else sam[n], img.size_wh))
@@ -371,6 +381,8 @@ class VirtueModel(nn.Module):
         normalize_embeddings: bool = True,
         image_resize: tuple[int, int] | None = None,
         reuse_image_features: bool = True,
+        num_workers: int = 1,
+        prefetch: int = 2,
     ) -> np.ndarray | torch.Tensor:
         """Embed strings, images (PIL, path, numpy) or dicts like
         `{"image": ..., "text": ..., "box": [x1, y1, x2, y2]}` / `"points": [[x, y], ...], "labels": [1, 0]`
@@ -379,43 +391,73 @@ class VirtueModel(nn.Module):
         Args:
             inputs: one input or a list of them; the result has one row per input, in order.
             batch_size: rows per forward pass. Rows are grouped by modality (and by image, so prompts on
-                one image share its SAM2 and ViT features); the result does not depend on it.
+                one image share its SAM2 and ViT features; images ordered by size so batches pad little); the
+                result does not depend on it.
             image_resize: (W, H) to squash every image to first, like the official evaluation (1344, 1344).
             reuse_image_features: compute SAM2/ViT features once per distinct image (off: once per row).
+            num_workers: threads that read and preprocess images ahead of the model (0: in this thread, in turn).
+            prefetch: batches prepared ahead (bounded memory).
         Returns:
             float32 [N, hidden] numpy array (or tensor), L2-normalised unless `normalize_embeddings=False`;
             [hidden] for a single non-list input.
         """
+        from virtue.processing.prefetch import Prefetcher
+
         single = not isinstance(inputs, (list, tuple))
         items = [parse_input(x, i) for i, x in enumerate([inputs] if single else inputs)]
         if not items:
             raise InputError("encode: got an empty list of inputs")
         if batch_size < 1:
             raise InputError(f"batch_size: must be >= 1, got {batch_size}")
-        batches = list(self._plan(items, batch_size))
+        if num_workers < 0 or prefetch < 1:
+            raise InputError(f"num_workers must be >= 0 and prefetch >= 1, got {num_workers}, {prefetch}")
+        batches = list(self._plan(items, batch_size, image_resize))
         cache = FeatureCache(capacity=max(4 * batch_size, 16)) if reuse_image_features else None
         out = torch.empty(len(items), self.config.hidden_size)
         show = len(batches) > 1 if show_progress_bar is None else show_progress_bar
-        for batch in tqdm(batches, desc="Encoding", unit="batch", disable=not show):
-            rows = [items[i] for i in batch]
-            emb = self(rows, indices=batch, cache=cache, image_resize=image_resize, normalize=normalize_embeddings)
-            out[batch] = emb.float().cpu()
+        prepared = Prefetcher(self.processor, items, batches, resize_to=image_resize, workers=num_workers,
+                              depth=prefetch, pin_memory=self.device.type == "cuda",
+                              share_images=reuse_image_features, shared_capacity=max(2 * batch_size, 16))
+        with prepared, tqdm(total=len(batches), desc="Encoding", unit="batch", disable=not show) as bar:
+            for batch, rows in prepared:
+                emb = self(rows, indices=batch, cache=cache, image_resize=image_resize,
+                           normalize=normalize_embeddings)
+                out[batch] = emb.float().cpu()
+                bar.update(1)
         if single:
             out = out[0]
         return out.numpy() if convert_to_numpy else out
 
-    def _plan(self, items: list[EmbedInput], batch_size: int) -> Iterable[list[int]]:
-        """Text rows sorted by length (less padding); image rows grouped by image (features reused)."""
+    def _plan(
+        self, items: list[EmbedInput], batch_size: int, image_resize: tuple[int, int] | None = None
+    ) -> Iterable[list[int]]:
+        """Text rows sorted by length; image rows grouped by image (features reused), the images ordered by their
+        number of visual tokens, so that the rows of a batch are of similar length (little padding)."""
         text = [i for i, it in enumerate(items) if not it.has_image]
         text.sort(key=lambda i: -len(items[i].text or ""))
         first_seen: dict[Any, int] = {}
         image = [i for i, it in enumerate(items) if it.has_image]
         for i in image:
             first_seen.setdefault(items[i].image_identity(), i)
-        image.sort(key=lambda i: (first_seen[items[i].image_identity()], i))
+        tokens = {key: self._visual_tokens(items[i], image_resize) for key, i in first_seen.items()}
+        image.sort(key=lambda i: (-tokens[items[i].image_identity()], first_seen[items[i].image_identity()], i))
         for group in (text, image):
             for start in range(0, len(group), batch_size):
                 yield group[start : start + batch_size]
+
+    def _visual_tokens(self, item: EmbedInput, image_resize: tuple[int, int] | None) -> int:
+        """The image's visual token count, from its size alone (a file's header), 0 when unknown."""
+        from virtue.processing.images import image_size_hint
+        from virtue.processing.qwen import smart_resize
+
+        size = image_resize or image_size_hint(item.image)
+        if size is None:
+            return 0  # unreadable: the error is raised, with its message, when the image is loaded
+        try:
+            h, w = smart_resize(size[1], size[0], self.config.image_processing)
+        except InputError:
+            return 0
+        return h * w // self.config.image_processing.factor ** 2
 
     @staticmethod
     def similarity(a, b) -> np.ndarray | torch.Tensor:

@@ -67,7 +67,7 @@ def sam_image_features(
     sam = _require_sam(model).model
     proc = model.processor
     loaded = proc.load(EmbedInput(image=image), "image", image_resize)
-    pixels = proc.prepare_image(loaded, model.device).sam_pixels  # [3, S, S], compat frame included
+    pixels = proc.sam_input(proc.prepare_image(loaded), model.device)  # [3, S, S], compat frame included
     pixels = pixels[None].to(model.device, _sam_dtype(model))
     fpn = sam.vision_encoder(pixels).fpn_hidden_states  # high to low resolution, [1, C, *, *] each
     # The same sum `SamBranch.encode_images` returns: single-frame SAM2 adds the "no memory" embedding.

@@ -13,19 +13,22 @@ from virtue.errors import InputError, PromptError
 from virtue.inputs import EmbedInput
 from virtue.processing.images import image_digest, load_image, prepare_image
 from virtue.processing.qwen import QwenImage, qwen_image
-from virtue.processing.sam import SamPrompt, sam_pixels, sam_prompt
+from virtue.processing.sam import SamPrompt, sam_pixels, sam_prompt, sam_source
 from virtue.processing.text import expand_image_tokens, with_image_token
 
 
 @dataclass
 class PreparedImage:
+    """An image ready for the model, on the CPU: the Qwen-normalised image (patches are cut on the device) and
+    what SAM's input is resized from on the device (`VirtueProcessor.sam_input`)."""
+
     qwen: QwenImage
-    sam_pixels: torch.Tensor | None  # [3, S, S]
+    sam_source: torch.Tensor | None  # uint8 [3, H, W] (clean), None when made from `qwen` (official) or no SAM
 
     def pin_memory(self) -> PreparedImage:
-        pixels = None if self.sam_pixels is None else self.sam_pixels.pin_memory()
+        source = None if self.sam_source is None else self.sam_source.pin_memory()
         qwen = dataclasses.replace(self.qwen, normalized=self.qwen.normalized.pin_memory())
-        return PreparedImage(qwen, pixels)
+        return PreparedImage(qwen, source)
 
 
 @dataclass
@@ -91,21 +94,24 @@ class VirtueProcessor:
         loaded = (done or {}).get(identity)
         if loaded is None:
             raw = self.load(item, where, resize_to)
-            loaded = LoadedImage(None, raw.size_wh, raw.key, self.prepare_image(raw, "cpu"))
+            loaded = LoadedImage(None, raw.size_wh, raw.key, self.prepare_image(raw))
             if done is not None:
                 done[identity] = loaded
         else:
             self._check_prompt(item, loaded.size_wh, where)
         return dataclasses.replace(item, image=loaded)
 
-    def prepare_image(self, loaded: LoadedImage, device: torch.device | str = "cpu") -> PreparedImage:
+    def prepare_image(self, loaded: LoadedImage) -> PreparedImage:
+        """The CPU part of an image's preprocessing (what a background worker can do ahead of the model)."""
         if loaded.prepared is not None:
             return loaded.prepared
         qwen = qwen_image(loaded.image, self.config.image_processing)
-        pixels = None
-        if self.config.sam.enabled:
-            pixels = sam_pixels(loaded.image, qwen, self.config.sam.image_size, self.config.compat, device)
-        return PreparedImage(qwen, pixels)
+        source = sam_source(loaded.image, self.config.compat) if self.config.sam.enabled else None
+        return PreparedImage(qwen, source)
+
+    def sam_input(self, prepared: PreparedImage, device: torch.device | str = "cpu") -> torch.Tensor:
+        """SAM's [3, S, S] input, resized and normalised on `device`."""
+        return sam_pixels(prepared.sam_source, prepared.qwen, self.config.sam.image_size, self.config.compat, device)
 
     def image_row_ids(self, text: str, num_visual_tokens: int) -> list[int]:
         return expand_image_tokens(self.token_ids(text), self.image_token_id, num_visual_tokens)

@@ -41,6 +41,22 @@ def load_image(image, where: str = "image") -> Image.Image:
     return img
 
 
+def image_size_hint(image) -> tuple[int, int] | None:
+    """(width, height) without decoding (a file's header), or None when it cannot be told cheaply."""
+    if isinstance(image, Image.Image):
+        return image.size
+    if isinstance(image, np.ndarray) and image.ndim in (2, 3):
+        return image.shape[1], image.shape[0]
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as opened:
+                return opened.size
+        except (OSError, UnidentifiedImageError, ValueError):
+            return None
+    size_wh = getattr(image, "size_wh", None)  # an image preprocessed ahead of time
+    return tuple(size_wh) if size_wh is not None else None
+
+
 def _from_array(arr: np.ndarray, where: str) -> Image.Image:
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
         raise ImageError(f"{where}: expected an H x W or H x W x 3/4 array, got shape {arr.shape}")

@@ -18,19 +18,27 @@ BOX_LABELS = (2, 3)
 PAD_LABEL = -1
 
 
+def sam_source(img: Image.Image, compat: CompatConfig) -> torch.Tensor | None:
+    """What SAM's input is made from, on the CPU: the RGB image as uint8 [3, H, W] (clean), or None when the
+    released weights' quirk takes it from the Qwen-normalised image instead (virtue-spec §10.1)."""
+    if compat.sam_input_from_qwen_pixels:
+        return None
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
 def sam_pixels(
-    img: Image.Image, qwen: QwenImage, size: int, compat: CompatConfig, device: torch.device | str = "cpu"
+    source: torch.Tensor | None, qwen: QwenImage, size: int, compat: CompatConfig, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """The [3, size, size] tensor SAM's image encoder reads.
+    """The [3, size, size] tensor SAM's image encoder reads, computed on `device`.
 
     compat (virtue-spec §10.1): the released weights saw the Qwen-resized, CLIP-normalised image, resized
-    and ImageNet-normalised again. Clean: the RGB image scaled to [0, 1], resized, ImageNet-normalised.
+    and ImageNet-normalised again. Clean: the RGB image (`source`) scaled to [0, 1], resized, ImageNet-normalised.
+    The 1024² resize is the costliest preprocessing step: it runs where the model runs, from a small source.
     """
     if compat.sam_input_from_qwen_pixels:
-        x = qwen.normalized[None]
+        x = qwen.normalized[None].to(device, non_blocking=True)
     else:
-        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)[None].float() / 255
-    x = x.to(device)  # the 1024^2 resize is the costliest preprocessing step: run it where the model runs
+        x = source[None].to(device, non_blocking=True).float() / 255
     # torchvision's tensor Resize (bilinear, antialias) without torchvision.
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)

@@ -291,7 +291,7 @@ def _validate(model: VirtueModel, cfg: TrainConfig, step: int, out: Path, procs:
             benchmark=ev.benchmark, data_root=ev.data_root, image_root=ev.image_root,
             tasks=tuple(ev.tasks) if ev.tasks else None, limit=ev.limit, batch_size=ev.batch_size,
             cache_dir=None, out_dir=str(out / "eval" / f"step-{step}"), show_progress_bar=False,
-            scar_variant=ev.scar_prompt,
+            scar_variant=ev.scar_prompt, distributed=False,  # rank 0 alone; the other ranks wait at the barrier
         )
         model.eval()
         try:
