@@ -6,9 +6,10 @@ runs of one length, so a view turns them into one batched attention call: the sa
 (bit-identical on the CPU), fewer calls, no copies, and no mask over all tokens (8 photos at 1344² would need
 ~5 GB for a dense block-diagonal one).
 
-Kept only where it was measured faster (benchmarks/vision_tower.py, CPU, 1 thread, 1280-wide blocks): 64
-thumbnails of 56² ran in 0.91x the time of the loop, where the per-image overhead shows; for photos (8 at 448²:
-1.01x, 2 at 980²: 1.06x) the attention arithmetic dominates and batching bought nothing, so images above
+Kept only where it was measured faster (benchmarks/vision_tower.py, CPU, 1 thread, 1280-wide blocks, two runs):
+64 thumbnails of 56² ran in 0.91-0.94x the time of the loop, where the per-image overhead shows; for photos (8 at
+448²: 0.99-1.01x, 2 at 980²: 0.99-1.06x) the attention arithmetic dominates and batching bought nothing, so images
+above
 `MAX_BATCHED_PATCHES` patches, and calls mixing sizes, keep transformers' loop. On CUDA, `flash_attention_2`
 (when installed) uses transformers' own varlen path instead.
 """
