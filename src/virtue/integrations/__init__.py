@@ -1,0 +1,1 @@
+"""Adapters for the tools VIRTUE users already run: sentence-transformers, mteb."""
