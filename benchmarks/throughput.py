@@ -62,7 +62,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -75,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench_common import OtherLoad, print_table
 from PIL import Image
 
 from virtue import VirtueModel, mmeb_query_text, scar_query_text
@@ -209,29 +209,6 @@ def measured_cpu_peak(dtype: torch.dtype, threads: int, n: int = 2048, runs: int
 # Timing helpers
 
 
-class OtherLoad:
-    """Cores used by other processes while active: the machine's busy CPU time (/proc/stat) minus this process's
-    and its reaped children's, over the wall time."""
-
-    cores = 0.0
-
-    def __enter__(self) -> OtherLoad:
-        self._start = self._sample()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        (t0, busy0, own0), (t1, busy1, own1) = self._start, self._sample()
-        self.cores = max(0.0, (busy1 - busy0 - (own1 - own0)) / max(t1 - t0, 1e-9))
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
-        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-        return time.perf_counter(), busy, sum(u.ru_utime + u.ru_stime for u in usage)
-
-
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -323,15 +300,6 @@ class ForwardClock:
 
     def _post(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
         self.inside += time.perf_counter() - self._entered
-
-
-def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for k, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def rotated(seq: Sequence[Any], r: int) -> list[Any]:

@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -51,6 +50,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from bench_common import OtherLoad, print_table
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,38 +92,6 @@ def contention_probe(threads: int) -> str:
     slow = times[threads] > 5 * times[1] and times[threads] > 1.0
     return f"contention probe (mul of 2048x128 floats): {shown}" + (
         " -- other processes compete for the cores: threaded ops stall, timings are unreliable" if slow else "")
-
-
-class OtherLoad:
-    """CPU used by other processes while active, in cores on average: the machine's busy CPU time (/proc/stat)
-    minus this process's and its reaped children's (DataLoader workers, memory children), over the wall time."""
-
-    cores = 0.0
-
-    def __enter__(self) -> OtherLoad:
-        self._start = self._sample()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        (t0, busy0, ours0), (t1, busy1, ours1) = self._start, self._sample()
-        self.cores = max(0.0, (busy1 - busy0 - (ours1 - ours0)) / max(t1 - t0, 1e-9))
-
-    @staticmethod
-    def _sample() -> tuple[float, float, float]:
-        with open("/proc/stat") as f:
-            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
-        busy = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-        usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
-        return time.perf_counter(), busy, sum(u.ru_utime + u.ru_stime for u in usage)
-
-
-def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for k, row in enumerate(cells):
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
 
 
 def train_quietly(cfg_dict: dict) -> None:

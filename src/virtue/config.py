@@ -49,11 +49,16 @@ class CompatConfig:
             into the SAM frame like points are.
         eval_image_resize: (width, height) every image is squashed to before preprocessing in the official
             evaluation (1344x1344, virtue-spec §10.5); used by the eval harness, `None` for native aspect.
+        exif_orientation: a user's photo is turned upright as its EXIF orientation says before anything else,
+            so that a box drawn on the photo as displayed lands on the right pixels. Off for the released
+            checkpoints (the official code reads stored pixels). Dataset rows always use stored pixels, since
+            their boxes were drawn in them (`EmbedInput.stored_pixels`).
     """
 
     sam_input_from_qwen_pixels: bool = False
     boxes_in_raw_pixels: bool = False
     eval_image_resize: tuple[int, int] | None = None
+    exif_orientation: bool = True
 
     def __post_init__(self):
         if self.eval_image_resize is not None:
@@ -64,7 +69,8 @@ class CompatConfig:
 
     @classmethod
     def official(cls) -> CompatConfig:
-        return cls(sam_input_from_qwen_pixels=True, boxes_in_raw_pixels=True, eval_image_resize=(1344, 1344))
+        return cls(sam_input_from_qwen_pixels=True, boxes_in_raw_pixels=True, eval_image_resize=(1344, 1344),
+                   exif_orientation=False)
 
     @classmethod
     def clean(cls) -> CompatConfig:
@@ -72,6 +78,9 @@ class CompatConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompatConfig:
+        data = dict(data)
+        # Configs saved before the flag existed: the official quirks mean the official reading of pixels.
+        data.setdefault("exif_orientation", not data.get("sam_input_from_qwen_pixels", False))
         return dataclass_from_dict(cls, data, "compat")
 
 

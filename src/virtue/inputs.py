@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,9 @@ from PIL import Image
 
 from virtue.errors import ImageError, InputError, PromptError
 from virtue.processing.images import load_image
-from virtue.prompts import Box, Mask, Points, VisualPrompt
+from virtue.prompts import Box, Mask, MaskLogits, Points, VisualPrompt
 
-DICT_KEYS = ("image", "text", "box", "bbox", "points", "point", "labels", "mask")
+DICT_KEYS = ("image", "text", "box", "bbox", "points", "point", "labels", "mask", "mask_logits")
 ImageLike = Image.Image | str | Path | np.ndarray
 
 
@@ -27,6 +28,9 @@ class EmbedInput:
     text: str | None = None
     image: ImageLike | None = None
     prompt: VisualPrompt | None = None
+    # The image's pixels as stored, its EXIF orientation not applied: dataset rows, whose boxes were drawn in
+    # stored pixels. A user's photo (False) is turned upright first in the clean compatibility mode.
+    stored_pixels: bool = False
 
     @property
     def has_image(self) -> bool:
@@ -35,8 +39,13 @@ class EmbedInput:
     def image_identity(self) -> Any:
         """A cheap key that groups inputs sharing one image object or path (before decoding)."""
         if isinstance(self.image, (str, Path)):
-            return ("path", str(Path(self.image).resolve()))
-        return ("object", id(self.image))
+            return ("path", str(Path(self.image).resolve()), self.stored_pixels)
+        return ("object", id(self.image), self.stored_pixels)
+
+
+def as_stored(item: EmbedInput) -> EmbedInput:
+    """The input marked as a dataset row: its image is read as stored (no EXIF rotation)."""
+    return item if item.image is None or item.stored_pixels else dataclasses.replace(item, stored_pixels=True)
 
 
 def parse_input(value: Any, index: int = 0) -> EmbedInput:
@@ -85,8 +94,12 @@ def _prompt(d: dict) -> VisualPrompt | None:
         points = Points(points, d.get("labels"))
     elif d.get("labels") is not None and points is None:
         raise PromptError("'labels' given without 'points'")
+    if "mask" in d and "mask_logits" in d:
+        raise PromptError("give 'mask' or 'mask_logits', not both")
     mask = d.get("mask")
-    if mask is not None and not isinstance(mask, Mask):
+    if d.get("mask_logits") is not None:
+        mask = MaskLogits(d["mask_logits"])
+    elif mask is not None and not isinstance(mask, Mask):
         if isinstance(mask, (str, Path)):
             try:
                 mask = np.asarray(load_image(mask, "mask").convert("L"))

@@ -135,6 +135,31 @@ class Mask:
             raise PromptError("mask is empty (no pixel set)")
 
 
+@dataclass(frozen=True, eq=False)
+class MaskLogits(Mask):
+    """A mask prompt in SAM2's *image predictor* convention: low-resolution logits (> 0 inside), as
+    `SAM2ImagePredictor.predict(mask_input=...)` takes them — e.g. the logits of a previous prediction, 256 x 256
+    for SAM2 at 1024² — in SAM's square input frame, so of any aspect; fed to the prompt encoder as they are
+    (resized bilinearly to the prompt encoder's mask size if needed).
+
+    The default `Mask` follows SAM2's video/tracker convention instead: a binary mask of the image's size, resized
+    to the mask size, 0/1 values (what a user draws).
+    """
+
+    def __init__(self, array):
+        arr = np.asarray(array, dtype=np.float32)
+        if arr.ndim != 2 or min(arr.shape) == 0:
+            raise PromptError(f"mask_logits: expected a non-empty 2-D array, got shape {tuple(arr.shape)}")
+        if not np.isfinite(arr).all():
+            raise PromptError("mask_logits: values must be finite")
+        arr = np.ascontiguousarray(arr)
+        arr.setflags(write=False)
+        object.__setattr__(self, "array", arr)
+
+    def validate(self, size_wh: tuple[int, int]) -> None:
+        """In SAM's frame, not the image's: any size fits any image."""
+
+
 @dataclass(frozen=True)
 class GridPrompt:
     """No user prompt: a k x k grid of positive points used as one prompt (the official default)."""

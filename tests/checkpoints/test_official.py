@@ -150,5 +150,5 @@ def test_missing_shard_and_unknown_layout(fixture_dir, tmp_path):
     (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(UnknownLayoutError, match="not a VIRTUE checkpoint"):
         load(other)
-    with pytest.raises(CheckpointError, match="no such directory"):
+    with pytest.raises(CheckpointError, match="no local folder"):
         load(tmp_path / "does-not-exist")

@@ -1,4 +1,5 @@
-"""The HTTP service behind `virtue serve`: `POST /embed`, `POST /search`, `GET /health` (FastAPI).
+"""The HTTP service behind `virtue serve`: `POST /embed`, `POST /search`, `GET /health` (FastAPI), and the
+OpenAI-compatible `POST /v1/embeddings`, `GET /v1/models` (`virtue.apps.openai_api`).
 
 Needs the `serve` extra (fastapi, uvicorn, python-multipart). Every item of a request is decoded and validated
 before it is queued, so bad input gets a 4xx naming the input (`input 3: box [...] lies outside the 64x48
@@ -671,6 +672,9 @@ def create_app(model: Any, config: ServeConfig | None = None, search_db: str | P
             raise ApiError(501, "search_unavailable", str(exc)) from None
         return JSONResponse({"hits": _jsonable(list(hits)), "model": config.model_name})
 
+    from virtue.apps.openai_api import add_openai_routes  # imported here: it imports this module
+
+    add_openai_routes(app, model, batcher, config)
     _add_component_schemas(app, [EmbedRequest])
     return app
 

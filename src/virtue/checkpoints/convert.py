@@ -15,7 +15,8 @@ def convert_checkpoint(
     src: str | Path, dst: str | Path, *, sam_checkpoint: str | Path | None = None, allow_hub: bool = True
 ) -> Path:
     """Write `dst` (library layout, SAM2 weights included). Tensors keep their stored dtype, so the
-    converted model gives the same embeddings."""
+    converted model gives the same embeddings. `dst` also gets the sentence-transformers files (through
+    `save_native`): it loads with `SentenceTransformer(dst, trust_remote_code=True)` as well."""
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise CheckpointError(f"{dst}: exists and is not empty; choose a new directory")

@@ -1,5 +1,7 @@
 """The library layout: one directory with config.json (a `VirtueConfig`), model.safetensors and the
-tokenizer files. Safetensors only."""
+tokenizer files. Safetensors only. Saving also writes the sentence-transformers files (modules.json,
+config_sentence_transformers.json, sentence_bert_config.json, 1_Normalize/config.json), so that the same folder loads
+with `SentenceTransformer(path, trust_remote_code=True)`; see `virtue.integrations.sentence_transformers`."""
 
 from __future__ import annotations
 
@@ -39,12 +41,17 @@ def read_native(path: Path) -> tuple[VirtueConfig, dict[str, torch.Tensor]]:
 
 
 def save_native(path: str | Path, config: VirtueConfig, state_dict: dict[str, torch.Tensor], tokenizer) -> None:
+    """Write the library layout to `path`, sentence-transformers files included (every saved or converted model is
+    an ST model too; needs no sentence-transformers installed)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt", "library": "virtue"})
     config.save(path / CONFIG_FILE)
     tokenizer.save_pretrained(str(path))
+    from virtue.integrations.sentence_transformers import write_sentence_transformers_files
+
+    write_sentence_transformers_files(path)
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: str) -> None:

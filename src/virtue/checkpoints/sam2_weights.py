@@ -9,7 +9,9 @@ explicit tables, so that a key nobody planned for is an error rather than a sile
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import logging
 import pickle
 import re
 from collections.abc import Callable, Mapping
@@ -34,6 +36,7 @@ __all__ = [
 ]
 
 StateDict = dict[str, Tensor]
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # Config: Meta's hydra yaml -> Sam2Config kwargs
@@ -655,9 +658,36 @@ def _read_safetensors(directory: Path) -> dict[str, Tensor]:
 # Finding the weights
 # --------------------------------------------------------------------------------------------------
 
-# (config, state dict, description of the files actually used)
-Found = tuple[dict[str, Any], StateDict, str]
+class SamSource(str):
+    """Where a model's SAM2 weights came from: the description (it is a `str`) and, for reporting, every file
+    read with its size and sha256 (`files`, `as_dict()`). Kept out of the model fingerprint, which hashes the
+    weights themselves."""
+
+    files: tuple[dict[str, Any], ...]
+
+    def __new__(cls, description: str, files: tuple[dict[str, Any], ...] = ()) -> SamSource:
+        obj = super().__new__(cls, description)
+        obj.files = tuple(files)
+        return obj
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"description": str(self), "files": [dict(f) for f in self.files]}
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return {"file": path.name, "path": str(path), "bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+# (config, state dict, where they came from)
+Found = tuple[dict[str, Any], StateDict, SamSource]
 _B_PLUS_YAML_NAME = "sam2.1_hiera_b+.yaml"
+_HUB_PLACE = "Hugging Face Hub"
+# The Hiera size a Meta config names (sam2.1_hiera_{t,s,b+,l}.yaml): the hub fallback holds B+ only.
+_SIZE_IN_NAME = re.compile(r"hiera_(t|s|b\+|l)\b", re.IGNORECASE)
 _HUB_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors"]
 
 
@@ -689,14 +719,32 @@ def resolve_sam2_weights(
             config, weights, found = _load_explicit(Path(explicit), checkpoint_dir, sam_cfg)
         except _NotHere as exc:
             raise MissingSamWeightsError(_missing_message([f"explicit path {explicit}: {exc}"])) from None
-        return config, weights, f"explicit: {found}"
+        return config, weights, SamSource(f"explicit: {found}", found.files)
     tried: list[str] = []
     for place, load in _fallback_places(checkpoint_dir, sam_cfg, hub_id, allow_hub):
+        if place.startswith(_HUB_PLACE):
+            _check_hub_size(sam_cfg, hub_id, tried)
         try:
-            return load()
+            found = load()
         except _NotHere as exc:
             tried.append(f"{place}: {exc}")
+            continue
+        if place.startswith(_HUB_PLACE) and tried:
+            logger.warning("SAM2 weights not found where the checkpoint names them (%s); using %s",
+                           "; ".join(tried), found[2])
+        return found
     raise MissingSamWeightsError(_missing_message(tried))
+
+
+def _check_hub_size(sam_cfg: Mapping[str, Any], hub_id: str, tried: list[str]) -> None:
+    """The hub fallback holds SAM2.1 Hiera-B+: refuse it when the checkpoint's config names another size,
+    rather than run a model on SAM2 weights it was not trained with."""
+    named = sam_cfg.get("config_path")
+    match = _SIZE_IN_NAME.search(Path(str(named)).name) if named else None
+    if match and match.group(1).lower() != "b+":
+        tried.append(f"{_HUB_PLACE} {hub_id}: refused, it holds Hiera-B+ but virtue_sam.config_path names Hiera-"
+                     f"{match.group(1)} ({named}); give the right weights with sam_checkpoint=")
+        raise MissingSamWeightsError(_missing_message(tried))
 
 
 def _missing_message(tried: list[str]) -> str:
@@ -716,7 +764,9 @@ def _load_explicit(path: Path, checkpoint_dir: Path | None, sam_cfg: Mapping[str
 def _load_transformers_dir(directory: Path) -> Found:
     if not (directory / "config.json").is_file():
         raise _NotHere("directory without config.json (not transformers' Sam2 layout)")
-    return (*load_sam2_transformers(directory), f"transformers-format SAM2 folder {directory}")
+    config, weights = load_sam2_transformers(directory)
+    files = sorted(directory.glob("*.safetensors"))
+    return config, weights, SamSource(f"transformers-format SAM2 folder {directory}", tuple(map(file_record, files)))
 
 
 def _candidates(relative: str | None, dirs: list[Path]) -> list[Path]:
@@ -736,14 +786,16 @@ def _load_meta_with_yaml(pt_path: Path, dirs: list[Path], config_path: str | Non
     yaml_options = [*_candidates(config_path, dirs), pt_path.with_suffix(".yaml")]
     yaml_path = next((p for p in yaml_options if p.is_file()), None)
     if yaml_path is not None:
-        return (*load_sam2_meta(pt_path, yaml_path), f"Meta checkpoint {pt_path} with config {yaml_path}")
+        source = SamSource(f"Meta checkpoint {pt_path} with config {yaml_path}", (file_record(pt_path),))
+        return (*load_sam2_meta(pt_path, yaml_path), source)
     if config_path and Path(config_path).name != _B_PLUS_YAML_NAME:
         tried = ", ".join(str(p) for p in yaml_options)
         raise _NotHere(f"found {pt_path} but not its yaml '{config_path}' (looked at {tried})")
     # Without a yaml, the b+ architecture is the one VIRTUE was trained with.
     note = " (no yaml found: built-in Hiera-B+ config)"
     config = sam2_config_from_meta(B_PLUS_META_CONFIG, source="built-in Hiera-B+ config")
-    return config, _meta_state_dict(pt_path, config, note=note), f"Meta checkpoint {pt_path}{note}"
+    source = SamSource(f"Meta checkpoint {pt_path}{note}", (file_record(pt_path),))
+    return config, _meta_state_dict(pt_path, config, note=note), source
 
 
 def _fallback_places(
@@ -762,7 +814,7 @@ def _fallback_places(
         )
         sub = ckpt_dir / "sam2"
         places.append((f"transformers-format folder {sub}", lambda: _load_transformers_dir_if_present(sub)))
-    hub_place = f"Hugging Face Hub {hub_id}"
+    hub_place = f"{_HUB_PLACE} {hub_id}"
     places.append(
         (
             hub_place,
@@ -807,5 +859,5 @@ def _load_from_hub(hub_id: str) -> Found:
         # The hub client raises many unrelated types (offline mode, HTTP, auth, disk); all mean
         # "not available here", and the reason goes into the final message.
         raise _NotHere(f"download failed: {type(exc).__name__}: {exc}") from exc
-    config, weights, _ = _load_transformers_dir(local)
-    return config, weights, f"Hugging Face Hub {hub_id} (snapshot {local})"
+    config, weights, found = _load_transformers_dir(local)
+    return config, weights, SamSource(f"Hugging Face Hub {hub_id} (snapshot {local})", found.files)

@@ -6,10 +6,10 @@ import argparse
 import logging
 import sys
 
-from virtue.cli import convert, demo, embed, evaluate, export, index, search, serve, similarity, train
+from virtue.cli import convert, data, demo, embed, evaluate, export, index, search, serve, similarity, train
 from virtue.errors import VirtueError
 
-COMMANDS = (embed, similarity, convert, train, export, evaluate, index, search, serve, demo)
+COMMANDS = (embed, similarity, convert, train, export, evaluate, index, search, serve, demo, data)
 
 
 def build_parser() -> argparse.ArgumentParser:

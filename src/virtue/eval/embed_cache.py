@@ -47,8 +47,10 @@ class InputKeys:
         if item.prompt is not None:
             points, box, mask = item.prompt.fingerprint()
             h.update(f"prompt:{points}:{box}".encode())
-            if item.prompt.mask is not None:
-                h.update(np.packbits(item.prompt.mask.array).tobytes())
+            mask = item.prompt.mask
+            if mask is not None:  # binary masks packed; logits (float) as they are
+                array = mask.array
+                h.update(np.packbits(array).tobytes() if array.dtype == bool else b"logits:" + array.tobytes())
         return h.hexdigest()
 
     def _image(self, image) -> str:

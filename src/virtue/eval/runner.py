@@ -325,6 +325,8 @@ def _run(model: VirtueModel, cfg: EvalConfig, embedder: Embedder, ranks: Ranks, 
     encoded = ranks.counts(embedder.encoded)
     settings = {"benchmark": cfg.benchmark, "limit": cfg.limit, "image_resize": embedder.resize,
                 "compat": model.config.compat.__dict__, "data_root": cfg.data_root}
+    if getattr(model, "sam_source", None) is not None:
+        settings["sam2_source"] = model.sam_source  # which SAM2 files, for the record (not the fingerprint)
     if cfg.benchmark == "scar":
         settings.update(scar_variant=cfg.scar_variant, strict_boxes=cfg.strict_boxes)
         if samless:

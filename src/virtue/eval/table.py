@@ -20,7 +20,7 @@ from typing import Any, overload
 import numpy as np
 
 from virtue.errors import DataError
-from virtue.inputs import EmbedInput
+from virtue.inputs import EmbedInput, as_stored
 
 
 def content_key(item: EmbedInput) -> tuple:
@@ -67,7 +67,7 @@ class InputTable:
         if entry is None:
             entry = len(self.inputs)
             self._index[key] = entry
-            self.inputs.append(item)
+            self.inputs.append(as_stored(item))  # dataset boxes are in stored pixels: no EXIF rotation
             self._name_ids.append(-1 if name is None else self._names.setdefault(name, len(self._names)))
         return entry
 

@@ -12,14 +12,12 @@ from virtue.model.vision_attention import group_vision_attention
 
 def build_qwen(backbone: dict, attn_implementation: str = "sdpa") -> Qwen2VLModel:
     config = qwen_config(backbone)
-    config._attn_implementation = attn_implementation
-    config.text_config._attn_implementation = attn_implementation
-    config.vision_config._attn_implementation = attn_implementation
-    # Sub-models would otherwise be created in the checkpoint's stored dtype (bf16): use the caller's, for the
-    # weights. Buffers (RoPE frequencies) stay as created, float32; whoever wants them cast casts the module.
+    for part in (config, config.text_config, config.vision_config):
+        part._attn_implementation = attn_implementation
+        # A stored dtype (bf16 in checkpoints) would make transformers build the sub-models under
+        # torch.set_default_dtype, for the whole process; they are built in the caller's dtype instead.
+        part.dtype = None
     model = Qwen2VLModel(config)
-    for p in model.parameters():
-        p.data = p.data.to(torch.get_default_dtype())
     group_vision_attention(model.visual)  # small same-size images: one attention call per block, not a loop
     return model
 

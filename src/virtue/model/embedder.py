@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,30 +21,11 @@ from virtue.inputs import EmbedInput, parse_input
 from virtue.model.backbone import build_qwen, last_hidden, pack_rows
 from virtue.model.connector import Connector
 from virtue.model.feature_cache import FeatureCache, ImageFeatures
+from virtue.model.precision import built_in, cudnn_tf32_off
 from virtue.model.sam_branch import SamBranch
 from virtue.processing.batch import LoadedImage, VirtueProcessor
 
 logger = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    before = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(before)
-
-
-@contextlib.contextmanager
-def _cudnn_tf32_off():
-    before = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = before
 
 
 class VirtueModel(nn.Module):
@@ -62,6 +44,8 @@ class VirtueModel(nn.Module):
             self.sam = SamBranch(config.sam.sam2, attn_implementation)
             self.connector = Connector(config.sam.dim, config.hidden_size, config.sam.reducer_kernel)
         self.processor = VirtueProcessor(config, tokenizer)
+        # Where the SAM2 weights came from (files, sizes, sha256), for reports; None when unknown.
+        self.sam_source: dict | None = None
         # Mixed precision as the official training runs it (virtue-spec §3): low-precision frozen weights,
         # float32 trainables and SAM2, every forward under autocast to this dtype. None: no autocast.
         self.autocast_dtype: torch.dtype | None = None
@@ -111,8 +95,10 @@ class VirtueModel(nn.Module):
                 )
         ckpt = read_checkpoint(name_or_path, sam_checkpoint=sam_checkpoint, allow_hub=allow_hub)
         config = ckpt.config if compat is None else ckpt.config.replace(compat=compat)
-        return cls._assemble(config, ckpt.tokenizer, ckpt.state_dict, ckpt.source, dtype=dtype, device=device,
-                             attn_implementation=attn_implementation, float32_modules=float32_modules)
+        model = cls._assemble(config, ckpt.tokenizer, ckpt.state_dict, ckpt.source, dtype=dtype, device=device,
+                              attn_implementation=attn_implementation, float32_modules=float32_modules)
+        model.sam_source = ckpt.sam_source
+        return model
 
     @classmethod
     def from_base(
@@ -150,8 +136,10 @@ class VirtueModel(nn.Module):
             points_per_side=points_per_side,
         )
         source = f"{path} (base; SAM2 from {sam_source}; connector seeded {seed})"
-        return cls._assemble(config, load_tokenizer(path), state, source, dtype=dtype, device=device,
-                             attn_implementation=attn_implementation, float32_modules=float32_modules)
+        model = cls._assemble(config, load_tokenizer(path), state, source, dtype=dtype, device=device,
+                              attn_implementation=attn_implementation, float32_modules=float32_modules)
+        model.sam_source = sam_source.as_dict()
+        return model
 
     @classmethod
     def _assemble(
@@ -166,7 +154,7 @@ class VirtueModel(nn.Module):
         attn_implementation: str = "sdpa",
         float32_modules: Sequence[str] = (),
     ) -> VirtueModel:
-        with _default_dtype(dtype):  # built directly in the target dtype: no float32 copy of a 7B model
+        with built_in(dtype):  # directly in the target dtype (no float32 copy of a 7B model), this thread only
             model = cls(config, tokenizer, attn_implementation)
         for name in float32_modules:  # before loading, so float32 weights are not rounded on the way in
             module = getattr(model, name, None)
@@ -211,6 +199,10 @@ class VirtueModel(nn.Module):
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
         save_native(path, self.config, state, self.processor.tokenizer)
+        if self.sam_source is not None:
+            from virtue.checkpoints.loading import SAM_SOURCE_FILE
+
+            (Path(path) / SAM_SOURCE_FILE).write_text(json.dumps(self.sam_source, indent=2) + "\n")
 
     def compile_towers(self, *, sam: bool = True, vision: bool = True, **compile_kwargs: Any) -> VirtueModel:
         """Opt-in `torch.compile` of the per-image towers: SAM2's image encoder (fixed S x S input: one graph) and
@@ -240,12 +232,15 @@ class VirtueModel(nn.Module):
         cache: FeatureCache | None = None,
         image_resize: tuple[int, int] | None = None,
         normalize: bool = True,
+        max_length: int | None = None,
+        truncate: bool = False,
     ) -> torch.Tensor:
         """Embed one batch of parsed inputs -> [B, hidden], differentiable where weights train.
 
         Image rows and text rows are run as separate sub-batches (their sequences differ in structure) and
         returned in input order. `encode` is the batched, no-grad entry point for users.
         """
+        lengths = {"max_length": max_length, "truncate": truncate}
         indices = list(range(len(items))) if indices is None else list(indices)
         groups = {
             kind: [n for n, item in enumerate(items) if item.has_image == kind] for kind in (True, False)
@@ -257,9 +252,9 @@ class VirtueModel(nn.Module):
                     continue
                 sub_items, sub_indices = [items[n] for n in rows], [indices[n] for n in rows]
                 if has_image:
-                    pooled = self._embed_image_rows(sub_items, sub_indices, cache, image_resize)
+                    pooled = self._embed_image_rows(sub_items, sub_indices, cache, image_resize, lengths)
                 else:
-                    pooled = self._embed_text_rows(sub_items, sub_indices)
+                    pooled = self._embed_text_rows(sub_items, sub_indices, lengths)
                 parts.append((rows, pooled))
         order = [n for rows, _ in parts for n in rows]
         pooled = torch.cat([p for _, p in parts])
@@ -272,19 +267,20 @@ class VirtueModel(nn.Module):
     def _precision_scope(self):
         """Autocast when the model is in mixed precision (`autocast_dtype`). Otherwise float32 on CUDA means
         float32: cuDNN's default TF32 convolutions move the official embeddings by ~3e-4 (measured on an
-        H100; 1.5e-6 without). Scoped to this call, global flags are restored."""
+        H100; 1.5e-6 without). The flag is process-wide: it is off while any such call runs (shared by
+        overlapping calls) and restored after the last, see `virtue.model.precision`."""
         if self.autocast_dtype is not None:
             return torch.autocast(self.device.type, dtype=self.autocast_dtype)
         if self.device.type != "cuda" or self.dtype != torch.float32:
             return contextlib.nullcontext()
-        return _cudnn_tf32_off()
+        return cudnn_tf32_off()
 
-    def _embed_text_rows(self, items: Sequence[EmbedInput], indices: Sequence[int]) -> torch.Tensor:
+    def _embed_text_rows(self, items: Sequence[EmbedInput], indices: Sequence[int], lengths: dict) -> torch.Tensor:
         proc = self.processor
         embed = self.qwen.language_model.embed_tokens
         rows = []
         for item, i in zip(items, indices, strict=True):
-            ids = proc.token_ids(proc.text(item, f"input {i}"))
+            ids = proc.row_ids(item, f"input {i}", **lengths)
             rows.append(embed(torch.tensor(ids, device=self.device)))
         return last_hidden(self.qwen, *pack_rows(rows, None))
 
@@ -294,6 +290,7 @@ class VirtueModel(nn.Module):
         indices: Sequence[int],
         cache: FeatureCache | None,
         image_resize: tuple[int, int] | None,
+        lengths: dict,
     ) -> torch.Tensor:
         proc = self.processor
         if self.sam is None:
@@ -311,7 +308,7 @@ class VirtueModel(nn.Module):
         embed = self.qwen.language_model.embed_tokens
         rows = []
         for item, i, feats in zip(items, indices, features, strict=True):
-            ids = proc.image_row_ids(proc.text(item, f"input {i}"), feats.num_tokens)
+            ids = proc.row_ids(item, f"input {i}", feats.num_tokens, **lengths)
             ids_t = torch.tensor(ids, device=self.device)
             row = embed(ids_t)
             row = row.masked_scatter((ids_t == proc.image_token_id)[:, None], feats.vision.to(row.dtype))
@@ -383,6 +380,8 @@ class VirtueModel(nn.Module):
         reuse_image_features: bool = True,
         num_workers: int = 1,
         prefetch: int = 2,
+        max_length: int | None = None,
+        truncate: bool = False,
     ) -> np.ndarray | torch.Tensor:
         """Embed strings, images (PIL, path, numpy) or dicts like
         `{"image": ..., "text": ..., "box": [x1, y1, x2, y2]}` / `"points": [[x, y], ...], "labels": [1, 0]`
@@ -397,6 +396,13 @@ class VirtueModel(nn.Module):
             reuse_image_features: compute SAM2/ViT features once per distinct image (off: once per row).
             num_workers: threads that read and preprocess images ahead of the model (0: in this thread, in turn).
             prefetch: batches prepared ahead (bounded memory).
+            max_length: tokens per row at most (default: the model's positions, less the segmentation tokens'
+                for an image row). A longer row is an InputError naming it, unless `truncate`.
+            truncate: cut the text of a row past the limit from its end (the image's tokens are kept whole).
+        Raises:
+            InputError (ImageError, PromptError): every input is checked (image readable from its header and
+            under `model.processor.max_image_pixels`, prompt inside it, length) before any compute; one error
+            names every bad input.
         Returns:
             float32 [N, hidden] numpy array (or tensor), L2-normalised unless `normalize_embeddings=False`;
             [hidden] for a single non-list input.
@@ -411,6 +417,7 @@ class VirtueModel(nn.Module):
             raise InputError(f"batch_size: must be >= 1, got {batch_size}")
         if num_workers < 0 or prefetch < 1:
             raise InputError(f"num_workers must be >= 0 and prefetch >= 1, got {num_workers}, {prefetch}")
+        self.check_inputs(items, image_resize=image_resize, max_length=max_length, truncate=truncate)
         batches = list(self._plan(items, batch_size, image_resize))
         cache = FeatureCache(capacity=max(4 * batch_size, 16)) if reuse_image_features else None
         out = torch.empty(len(items), self.config.hidden_size)
@@ -421,7 +428,7 @@ class VirtueModel(nn.Module):
         with prepared, tqdm(total=len(batches), desc="Encoding", unit="batch", disable=not show) as bar:
             for batch, rows in prepared:
                 emb = self(rows, indices=batch, cache=cache, image_resize=image_resize,
-                           normalize=normalize_embeddings)
+                           normalize=normalize_embeddings, max_length=max_length, truncate=truncate)
                 out[batch] = emb.float().cpu()
                 bar.update(1)
         if single:
@@ -448,16 +455,86 @@ class VirtueModel(nn.Module):
     def _visual_tokens(self, item: EmbedInput, image_resize: tuple[int, int] | None) -> int:
         """The image's visual token count, from its size alone (a file's header), 0 when unknown."""
         from virtue.processing.images import image_size_hint
-        from virtue.processing.qwen import smart_resize
 
-        size = image_resize or image_size_hint(item.image)
+        size = image_size_hint(item.image, self.processor.exif_transpose(item))
         if size is None:
             return 0  # unreadable: the error is raised, with its message, when the image is loaded
         try:
-            h, w = smart_resize(size[1], size[0], self.config.image_processing)
+            return self._tokens_for_size(size, image_resize)
         except InputError:
             return 0
+
+    def _tokens_for_size(self, size_wh: tuple[int, int], image_resize: tuple[int, int] | None) -> int:
+        """Visual tokens of an image of `size_wh` after the official pre-resizes and Qwen's resize."""
+        from virtue.processing.images import MIN_SIDE, SMALL_IMAGE_SIZE
+        from virtue.processing.qwen import smart_resize
+
+        w, h = image_resize or size_wh
+        if min(w, h) < MIN_SIDE:
+            w, h = SMALL_IMAGE_SIZE
+        h, w = smart_resize(h, w, self.config.image_processing)
         return h * w // self.config.image_processing.factor ** 2
+
+    def check_inputs(
+        self,
+        items: Sequence[EmbedInput],
+        *,
+        image_resize: tuple[int, int] | None = None,
+        max_length: int | None = None,
+        truncate: bool = False,
+    ) -> None:
+        """Check every input before any compute: its image readable (a file's header only) and not above the
+        pixel limit, its prompt inside the image (as displayed, when EXIF rotates it), its length. Raises one
+        error naming every bad input (its type when all problems share one, else `InputError`)."""
+        from virtue.processing.images import load_image
+
+        proc = self.processor
+        problems: list[InputError] = []
+        for i, item in enumerate(items):
+            where = f"input {i}"
+            try:
+                visual = None
+                if item.has_image:
+                    if item.prompt is not None and self.sam is None:
+                        raise PromptError(f"{where}: this model has no SAM branch, so it cannot read a visual prompt")
+                    if isinstance(item.image, np.ndarray):
+                        size = load_image(item.image, where, max_pixels=proc.max_image_pixels).size
+                    else:
+                        size = self._checked_size(item, where)
+                    proc._check_prompt(item, size, where)
+                    visual = self._tokens_for_size(size, image_resize)
+                proc.row_ids(item, where, visual, max_length=max_length, truncate=truncate)
+            except InputError as exc:
+                problems.append(exc)
+        if len(problems) == 1:
+            raise problems[0]
+        if problems:
+            kinds = {type(p) for p in problems}
+            kind = kinds.pop() if len(kinds) == 1 else InputError
+            raise kind(f"{len(problems)} bad inputs: " + "; ".join(str(p) for p in problems))
+
+    def _checked_size(self, item: EmbedInput, where: str) -> tuple[int, int]:
+        """(width, height) as the model will see it, from the header alone; ImageError naming `where` if the image
+        cannot be read or is above the pixel limit."""
+        from PIL import Image
+
+        from virtue.errors import ImageError
+        from virtue.processing.batch import LoadedImage
+        from virtue.processing.images import header_size
+
+        image = item.image
+        if isinstance(image, LoadedImage):
+            return image.size_wh
+        if not isinstance(image, (str, Path, Image.Image)):
+            raise ImageError(f"{where}: expected a path, PIL image or numpy array, got {type(image).__name__}")
+        size = header_size(image, where, self.processor.exif_transpose(item))
+        limit = self.processor.max_image_pixels
+        if limit is not None and size[0] * size[1] > limit:
+            raise ImageError(f"{where}: image of {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels exceeds the "
+                             f"limit of {limit:,} (max_image_pixels)")
+        if size[0] == 0 or size[1] == 0:
+            raise ImageError(f"{where}: image is empty ({size[0]}x{size[1]})")
+        return size
 
     @staticmethod
     def similarity(a, b) -> np.ndarray | torch.Tensor:

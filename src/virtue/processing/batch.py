@@ -11,7 +11,7 @@ from PIL import Image
 from virtue.config import VirtueConfig
 from virtue.errors import InputError, PromptError
 from virtue.inputs import EmbedInput
-from virtue.processing.images import image_digest, load_image, prepare_image
+from virtue.processing.images import MAX_IMAGE_PIXELS, image_digest, load_image, prepare_image
 from virtue.processing.qwen import QwenImage, qwen_image
 from virtue.processing.sam import SamPrompt, sam_pixels, sam_prompt, sam_source
 from virtue.processing.text import expand_image_tokens, with_image_token
@@ -54,12 +54,55 @@ class VirtueProcessor:
         self.image_token_id = tokenizer.convert_tokens_to_ids(config.image_token)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise InputError(f"tokenizer has no {config.image_token} token")
+        # Images above this many pixels are refused from their header, before decoding (None: no limit).
+        self.max_image_pixels: int | None = MAX_IMAGE_PIXELS
+        text = config.backbone["text_config"]
+        self.max_positions = int(text.get("max_position_embeddings") or 32768)
 
     def text(self, item: EmbedInput, where: str) -> str:
         return with_image_token(item.text, item.has_image, where)
 
     def token_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text)["input_ids"])
+
+    def exif_transpose(self, item: EmbedInput) -> bool:
+        """Whether this input's image is turned upright by its EXIF orientation (see `CompatConfig`)."""
+        return self.config.compat.exif_orientation and not item.stored_pixels
+
+    def length_limit(self, has_image: bool, max_length: int | None = None) -> int:
+        """Tokens a row may hold: the model's positions, less the segmentation tokens' for an image row (they
+        take positions 0 and push the text to 256 + j), or `max_length` when smaller."""
+        limit = self.max_positions - (self.config.sam.num_tokens if has_image and self.config.sam.enabled else 0)
+        return limit if max_length is None else min(limit, max_length)
+
+    def row_ids(self, item: EmbedInput, where: str, num_visual_tokens: int | None = None, *,
+                max_length: int | None = None, truncate: bool = False) -> list[int]:
+        """Token ids of a row (the image placeholder expanded to `num_visual_tokens` copies for an image row).
+
+        Past the limit (`length_limit`): an InputError naming the input by default; with `truncate`, text tokens
+        are cut from the end (the image's tokens are kept whole).
+        """
+        ids = self.token_ids(self.text(item, where))
+        if num_visual_tokens is not None:
+            ids = expand_image_tokens(ids, self.image_token_id, num_visual_tokens)
+        limit = self.length_limit(num_visual_tokens is not None, max_length)
+        if len(ids) <= limit:
+            return ids
+        image = sum(1 for t in ids if t == self.image_token_id) if num_visual_tokens is not None else 0
+        if not truncate or image > limit:
+            what = f" ({image:,} of them the image's)" if image else ""
+            hint = "shorten the text or pass truncate=True" if image <= limit else "use a smaller image"
+            raise InputError(f"{where}: {len(ids):,} tokens{what}, above the limit of {limit:,} "
+                             f"({'max_length' if max_length is not None and max_length < len(ids) else 'model'}"
+                             f" positions); {hint}")
+        excess = len(ids) - limit
+        kept = []
+        for token in reversed(ids):  # drop the last text tokens, never an image token
+            if excess and token != self.image_token_id:
+                excess -= 1
+                continue
+            kept.append(token)
+        return kept[::-1]
 
     def load(self, item: EmbedInput, where: str, resize_to: tuple[int, int] | None) -> LoadedImage:
         if isinstance(item.image, LoadedImage):
@@ -68,10 +111,11 @@ class VirtueProcessor:
                 raise InputError(f"{where}: image was preprocessed with resize {loaded.key[1]}, asked for {resize_to}")
             self._check_prompt(item, loaded.size_wh, where)
             return loaded
-        raw = load_image(item.image, where)
+        raw = load_image(item.image, where, max_pixels=self.max_image_pixels,
+                         exif_transpose=self.exif_transpose(item))
         size = (raw.width, raw.height)
         self._check_prompt(item, size, where)
-        image = prepare_image(raw, resize_to)
+        image = prepare_image(raw, resize_to, where)
         return LoadedImage(image, size, (image_digest(image), resize_to))
 
     @staticmethod
@@ -112,9 +156,6 @@ class VirtueProcessor:
     def sam_input(self, prepared: PreparedImage, device: torch.device | str = "cpu") -> torch.Tensor:
         """SAM's [3, S, S] input, resized and normalised on `device`."""
         return sam_pixels(prepared.sam_source, prepared.qwen, self.config.sam.image_size, self.config.compat, device)
-
-    def image_row_ids(self, text: str, num_visual_tokens: int) -> list[int]:
-        return expand_image_tokens(self.token_ids(text), self.image_token_id, num_visual_tokens)
 
     def sam_prompt(self, item: EmbedInput, size_wh: tuple[int, int], mask_size: int) -> SamPrompt:
         sam = self.config.sam

@@ -11,7 +11,7 @@ from PIL import Image
 
 from virtue.config import IMAGENET_MEAN, IMAGENET_STD, CompatConfig
 from virtue.processing.qwen import QwenImage
-from virtue.prompts import VisualPrompt
+from virtue.prompts import MaskLogits, VisualPrompt
 
 # SAM label codes: 1 positive point, 0 negative point, 2/3 box corners, -1 "not a point" (padding).
 BOX_LABELS = (2, 3)
@@ -100,8 +100,15 @@ def sam_prompt(
     mask = None
     if prompt.mask is not None:
         m = torch.from_numpy(prompt.mask.array.astype(np.float32))[None, None]
-        # SAM2's own convention for a binary mask prompt (SAM2Base._forward_sam_heads).
-        mask = F.interpolate(m, size=(mask_size, mask_size), mode="bilinear", align_corners=False, antialias=True)[0]
+        if isinstance(prompt.mask, MaskLogits):
+            # SAM2's image-predictor convention: low-resolution logits, used as given.
+            if m.shape[-2:] != (mask_size, mask_size):
+                m = F.interpolate(m, size=(mask_size, mask_size), mode="bilinear", align_corners=False)
+            mask = m[0]
+        else:
+            # SAM2's convention for a binary mask prompt (SAM2Base._forward_sam_heads): 0/1, resized.
+            mask = F.interpolate(m, size=(mask_size, mask_size), mode="bilinear", align_corners=False,
+                                 antialias=True)[0]
         if not coords:
             coords.append(np.zeros((1, 2)))
             labels.append(PAD_LABEL)

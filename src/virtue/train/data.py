@@ -126,7 +126,7 @@ from typing import Any
 import numpy as np
 
 from virtue.errors import ConfigError, DataError, InputError
-from virtue.inputs import EmbedInput, parse_input
+from virtue.inputs import EmbedInput, as_stored, parse_input
 from virtue.processing.text import DATASET_IMAGE_TOKEN, IMAGE_TOKEN, scar_train_query_text
 from virtue.prompts import Box, VisualPrompt
 from virtue.rows import BadRow, DeferredCheck, ImageHeaders, MaskFile, PolygonMask, deferred_failure
@@ -560,6 +560,8 @@ class _Collector:
         except _BadValue as bad:
             self.reject(BadRow(name, row_id, bad.column, bad.reason))
             return
+        # Dataset boxes are in stored pixels: the images are read as stored, without EXIF rotation.
+        query, positive, negatives = as_stored(query), as_stored(positive), tuple(as_stored(n) for n in negatives)
         example = TrainExample(query, positive, negatives, subset=name, row_id=row_id, deferred=tuple(checks))
         if self.check_images:
             # The same checks as a worker would run later, so that both paths report the same bad rows.
