@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -238,16 +237,10 @@ def test_bad_requests_raise_the_clients_errors(tiny_model, fixture_images):
 
 
 class GatedModel(WrappedModel):
-    """The model behind a gate (while it is closed, `encode` waits: the queue fills deterministically) that
-    breaks, not with an input error, on the text "boom" (a stand-in for a bug or a device failure)."""
-
-    def __init__(self, model, delay: float = 0.0):
-        super().__init__(model, delay)
-        self.gate = threading.Event()
-        self.gate.set()
+    """The gated model (see `WrappedModel`) that breaks, not with an input error, on the text "boom" (a
+    stand-in for a bug or a device failure)."""
 
     def encode(self, inputs, **kwargs):
-        assert self.gate.wait(30), "the gate was never opened"
         if any(getattr(item, "text", None) == "boom" for item in inputs):
             raise RuntimeError("device lost")
         return super().encode(inputs, **kwargs)
@@ -289,10 +282,15 @@ def test_full_queue_answers_503_and_failures_500_in_openai_shape(tiny_model):
             np.testing.assert_allclose(np.array([r.json()["data"][0]["embedding"]]), expected, atol=ATOL)
 
         # the client's own type for a 503 (with max_retries > 0 it retries, honouring Retry-After)
+        # One request held in `encode` first, then one waiting: sent together, the second could be refused
+        # before the worker took the first.
         gated.gate.clear()
+        gated.entered.clear()
         with ThreadPoolExecutor(2) as pool, openai_client(url) as oa:
             try:
-                blockers = [pool.submit(one, n) for n in range(2)]
+                blockers = [pool.submit(one, 0)]
+                assert gated.entered.wait(30), "the first request never reached the model"
+                blockers.append(pool.submit(one, 1))
                 wait_for("the queue did not fill", lambda health: health["queue_depth"] >= 1)
                 with expect(openai.InternalServerError, 503, "server busy", code="server_busy"):
                     oa.embeddings.create(model=NAME, input="a request")

@@ -89,18 +89,24 @@ def assert_error(response: httpx.Response, status: int, *needles: str, index: in
 
 
 class WrappedModel:
-    """The real model behind a delay and, optionally, a failure on texts equal to `poison`: it makes the queue
-    fill up and stands in for an error only the model finds. Not the code under test."""
+    """The real model behind a delay, a gate and, optionally, a failure on texts equal to `poison`. While the gate
+    is closed `encode` waits (`entered` tells that a call has started), so the queue fills deterministically; the
+    poison stands in for an error only the model finds. Not the code under test."""
 
     def __init__(self, model, delay: float = 0.0, poison: str | None = None):
         self.model, self.delay, self.poison = model, delay, poison
         self.calls: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.model, name)
 
     def encode(self, inputs, **kwargs):
         self.calls.append(len(inputs))
+        self.entered.set()
+        assert self.gate.wait(30), "the gate was never opened"
         time.sleep(self.delay)
         for i, item in enumerate(inputs):
             if self.poison is not None and getattr(item, "text", None) == self.poison:
@@ -279,27 +285,38 @@ def test_concurrent_requests_are_batched_and_match_encode_alone(tiny_model, imag
 
 
 def test_full_queue_answers_503_with_retry_after(tiny_model):
-    slow = WrappedModel(tiny_model, delay=0.5)
-    expected = tiny_model.encode(["a slow request"])
+    held = WrappedModel(tiny_model)
+    expected = tiny_model.encode(["a held request"])
     config = ServeConfig(queue_size=1, max_batch_items=1, max_wait_ms=0, retry_after_s=2)
-    with running(create_app(slow, config)) as url:
-        def one(_: int) -> httpx.Response:
-            with client(url) as http:
-                return http.post("/embed", json={"inputs": ["a slow request"]})
+    with running(create_app(held, config)) as url, client(url) as http:
+        def one() -> httpx.Response:
+            with client(url) as own:
+                return own.post("/embed", json={"inputs": ["a held request"]})
 
-        with ThreadPoolExecutor(6) as pool:
-            responses = list(pool.map(one, range(6)))
-        ok = [r for r in responses if r.status_code == 200]
-        busy = [r for r in responses if r.status_code == 503]
-        assert len(ok) + len(busy) == 6 and len(ok) >= 2 and busy, [r.status_code for r in responses]
+        held.gate.clear()
+        with ThreadPoolExecutor(2) as pool:
+            try:
+                # one request inside the model, one waiting: the queue (size 1) is full
+                encoding = pool.submit(one)
+                assert held.entered.wait(30), "the first request never reached the model"
+                waiting = pool.submit(one)
+                deadline = time.monotonic() + 30
+                while http.get("/health").json()["queue_depth"] < 1:
+                    assert time.monotonic() < deadline, "the second request was never queued"
+                    time.sleep(0.01)
+                busy = [one() for _ in range(4)]
+            finally:
+                held.gate.set()
+            ok = [encoding.result(), waiting.result()]
         for r in busy:
             assert r.headers["retry-after"] == "2"
             assert_error(r, 503, "server busy")
         for r in ok:
+            assert r.status_code == 200, r.text
             np.testing.assert_allclose(np.array(r.json()["embeddings"]), expected, atol=ATOL)
-        with client(url) as http:  # the queue drained: served again
-            assert http.post("/embed", json={"inputs": ["a slow request"]}).status_code == 200
-            assert http.get("/health").json()["stats"]["rejected"] == len(busy)
+        # the queue drained: served again, and every refusal counted
+        assert http.post("/embed", json={"inputs": ["a held request"]}).status_code == 200
+        assert http.get("/health").json()["stats"]["rejected"] == 4
 
 
 def test_a_request_the_model_rejects_does_not_fail_its_batch(tiny_model, images):
@@ -317,7 +334,7 @@ def test_a_request_the_model_rejects_does_not_fail_its_batch(tiny_model, images)
 
         with ThreadPoolExecutor(4) as pool:
             blocker = pool.submit(post, ["blocks the model while the others queue up"])
-            time.sleep(0.15)
+            assert model.entered.wait(30), "the blocking request never reached the model"
             a, bad, b = (pool.submit(post, items) for items in (good_a, ["fine", "poison"], good_b))
             assert blocker.result().status_code == 200
             ra, rbad, rb = a.result(), bad.result(), b.result()

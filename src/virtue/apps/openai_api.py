@@ -62,6 +62,7 @@ from virtue.apps.server import (
 )
 from virtue.errors import ImageError, InputError
 from virtue.inputs import EmbedInput
+from virtue.processing.images import header_size
 from virtue.processing.text import with_image_token
 
 __all__ = [
@@ -82,7 +83,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PREFIX = "/v1"
-EXIF_ORIENTATION = 0x0112
 REQUEST_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
 TOKEN_IDS_REFUSED = (
     "token ids are not accepted: they would be ids of another tokenizer than this model's. Send the text itself, "
@@ -405,17 +405,16 @@ class TokenCounter:
     """Tokens the language model reads for each input, as `VirtueModel` builds its rows.
 
     Text tokens of the formatted text (`with_image_token`: placeholder and default instruction of an image
-    included), the placeholder expanded to the image's visual tokens (from its size: the small-image enlargement,
-    then Qwen2-VL's `smart_resize`), plus the SAM2 branch's segmentation tokens for an image input. The model's
-    tokenizer is copied on first use, so counting never shares it with the model's thread.
+    included), the placeholder expanded to the image's visual tokens (the model's own rule, from the image's size
+    as displayed), plus the SAM2 branch's segmentation tokens for an image input. The model's tokenizer is copied
+    on first use, so counting never shares it with the model's thread.
     """
 
     def __init__(self, model: Any):
-        self._source = getattr(getattr(model, "processor", None), "tokenizer", None)
+        self._processor = getattr(model, "processor", None)
+        self._source = getattr(self._processor, "tokenizer", None)
+        self._tokens_for_size = getattr(model, "visual_tokens_for_size", None)
         config = getattr(model, "config", None)
-        self._image_config = getattr(config, "image_processing", None)
-        # Photos turned upright by their EXIF orientation (where the model's compatibility setting says so).
-        self._exif_upright = bool(getattr(getattr(config, "compat", None), "exif_orientation", False))
         sam = getattr(config, "sam", None)
         has_sam = getattr(model, "sam", None) is not None and bool(getattr(sam, "enabled", False))
         self._segmentation_tokens = int(sam.num_tokens) if has_sam else 0
@@ -440,29 +439,13 @@ class TokenCounter:
 
     def visual_tokens(self, item: EmbedInput, where: str) -> int:
         """The image's visual tokens after the 2x2 merge, from its size alone."""
-        from virtue.processing.images import MIN_SIDE, SMALL_IMAGE_SIZE
-        from virtue.processing.qwen import smart_resize
-
-        cfg, image = self._image_config, item.image
-        size = getattr(image, "size", None)
-        if cfg is None or not isinstance(image, Image.Image) or size is None:
-            return 1
-        if self._exif_upright and not getattr(item, "stored_pixels", False) and _exif_turned(image):
-            size = size[1], size[0]
-        width, height = SMALL_IMAGE_SIZE if min(size) < MIN_SIDE else size
+        if self._tokens_for_size is None or not isinstance(item.image, Image.Image):
+            return 1  # a model without the rule: the placeholder itself
+        size = header_size(item.image, where, self._processor.exif_transpose(item))
         try:
-            h, w = smart_resize(height, width, cfg)
+            return self._tokens_for_size(size)
         except ImageError as exc:
             raise ImageError(f"{where}: {exc}") from None
-        return h * w // cfg.factor**2
-
-
-def _exif_turned(image: Image.Image) -> bool:
-    """Whether the EXIF orientation turns the picture by 90 degrees (width and height swap)."""
-    try:
-        return image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8)
-    except Exception:  # unreadable EXIF: the model reads the pixels as stored
-        return False
 
 
 # --------------------------------------------------------------------------------------------------- routes

@@ -417,8 +417,8 @@ class VirtueModel(nn.Module):
             raise InputError(f"batch_size: must be >= 1, got {batch_size}")
         if num_workers < 0 or prefetch < 1:
             raise InputError(f"num_workers must be >= 0 and prefetch >= 1, got {num_workers}, {prefetch}")
-        self.check_inputs(items, image_resize=image_resize, max_length=max_length, truncate=truncate)
-        batches = list(self._plan(items, batch_size, image_resize))
+        tokens = self.check_inputs(items, image_resize=image_resize, max_length=max_length, truncate=truncate)
+        batches = list(self._plan(items, batch_size, tokens))
         cache = FeatureCache(capacity=max(4 * batch_size, 16)) if reuse_image_features else None
         out = torch.empty(len(items), self.config.hidden_size)
         show = len(batches) > 1 if show_progress_bar is None else show_progress_bar
@@ -435,37 +435,24 @@ class VirtueModel(nn.Module):
             out = out[0]
         return out.numpy() if convert_to_numpy else out
 
-    def _plan(
-        self, items: list[EmbedInput], batch_size: int, image_resize: tuple[int, int] | None = None
-    ) -> Iterable[list[int]]:
+    def _plan(self, items: list[EmbedInput], batch_size: int, tokens: Sequence[int]) -> Iterable[list[int]]:
         """Text rows sorted by length; image rows grouped by image (features reused), the images ordered by their
-        number of visual tokens, so that the rows of a batch are of similar length (little padding)."""
+        number of visual tokens (`tokens`, from `check_inputs`), so that the rows of a batch pad little."""
         text = [i for i, it in enumerate(items) if not it.has_image]
         text.sort(key=lambda i: -len(items[i].text or ""))
         first_seen: dict[Any, int] = {}
         image = [i for i, it in enumerate(items) if it.has_image]
         for i in image:
             first_seen.setdefault(items[i].image_identity(), i)
-        tokens = {key: self._visual_tokens(items[i], image_resize) for key, i in first_seen.items()}
-        image.sort(key=lambda i: (-tokens[items[i].image_identity()], first_seen[items[i].image_identity()], i))
+        image.sort(key=lambda i: (-tokens[first_seen[items[i].image_identity()]],
+                                  first_seen[items[i].image_identity()], i))
         for group in (text, image):
             for start in range(0, len(group), batch_size):
                 yield group[start : start + batch_size]
 
-    def _visual_tokens(self, item: EmbedInput, image_resize: tuple[int, int] | None) -> int:
-        """The image's visual token count, from its size alone (a file's header), 0 when unknown."""
-        from virtue.processing.images import image_size_hint
-
-        size = image_size_hint(item.image, self.processor.exif_transpose(item))
-        if size is None:
-            return 0  # unreadable: the error is raised, with its message, when the image is loaded
-        try:
-            return self._tokens_for_size(size, image_resize)
-        except InputError:
-            return 0
-
-    def _tokens_for_size(self, size_wh: tuple[int, int], image_resize: tuple[int, int] | None) -> int:
-        """Visual tokens of an image of `size_wh` after the official pre-resizes and Qwen's resize."""
+    def visual_tokens_for_size(self, size_wh: tuple[int, int], image_resize: tuple[int, int] | None = None) -> int:
+        """Visual tokens (after the 2x2 merge) of an image of `size_wh` (width, height, as displayed), after the
+        official pre-resizes and Qwen2-VL's `smart_resize`; ImageError for an aspect ratio it cannot resize."""
         from virtue.processing.images import MIN_SIDE, SMALL_IMAGE_SIZE
         from virtue.processing.qwen import smart_resize
 
@@ -482,14 +469,17 @@ class VirtueModel(nn.Module):
         image_resize: tuple[int, int] | None = None,
         max_length: int | None = None,
         truncate: bool = False,
-    ) -> None:
-        """Check every input before any compute: its image readable (a file's header only) and not above the
-        pixel limit, its prompt inside the image (as displayed, when EXIF rotates it), its length. Raises one
-        error naming every bad input (its type when all problems share one, else `InputError`)."""
+    ) -> list[int]:
+        """Check every input before any compute: its image readable (a file's header only, once per image) and
+        not above the pixel limit, its prompt inside the image (as displayed, when EXIF rotates it), its length.
+        Raises one error naming every bad input (its type when all problems share one, else `InputError`).
+        Returns each input's number of visual tokens (0 for a text)."""
         from virtue.processing.images import load_image
 
         proc = self.processor
         problems: list[InputError] = []
+        sizes: dict[Any, tuple[int, int]] = {}  # image identity -> size: k prompts on one photo, one header
+        tokens = [0] * len(items)
         for i, item in enumerate(items):
             where = f"input {i}"
             try:
@@ -497,12 +487,15 @@ class VirtueModel(nn.Module):
                 if item.has_image:
                     if item.prompt is not None and self.sam is None:
                         raise PromptError(f"{where}: this model has no SAM branch, so it cannot read a visual prompt")
-                    if isinstance(item.image, np.ndarray):
-                        size = load_image(item.image, where, max_pixels=proc.max_image_pixels).size
-                    else:
-                        size = self._checked_size(item, where)
+                    size = sizes.get(item.image_identity())
+                    if size is None:
+                        if isinstance(item.image, np.ndarray):
+                            size = load_image(item.image, where, max_pixels=proc.max_image_pixels).size
+                        else:
+                            size = self._checked_size(item, where)
+                        sizes[item.image_identity()] = size
                     proc._check_prompt(item, size, where)
-                    visual = self._tokens_for_size(size, image_resize)
+                    visual = tokens[i] = self.visual_tokens_for_size(size, image_resize)
                 proc.row_ids(item, where, visual, max_length=max_length, truncate=truncate)
             except InputError as exc:
                 problems.append(exc)
@@ -512,6 +505,7 @@ class VirtueModel(nn.Module):
             kinds = {type(p) for p in problems}
             kind = kinds.pop() if len(kinds) == 1 else InputError
             raise kind(f"{len(problems)} bad inputs: " + "; ".join(str(p) for p in problems))
+        return tokens
 
     def _checked_size(self, item: EmbedInput, where: str) -> tuple[int, int]:
         """(width, height) as the model will see it, from the header alone; ImageError naming `where` if the image

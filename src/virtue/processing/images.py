@@ -78,22 +78,6 @@ def exif_orientation(img: Image.Image) -> int | None:
         return None
 
 
-def image_size_hint(image, exif_transpose: bool = False) -> tuple[int, int] | None:
-    """(width, height) without decoding (a file's header), as displayed when `exif_transpose`; None when it cannot
-    be told cheaply."""
-    if isinstance(image, np.ndarray) and image.ndim in (2, 3):
-        return image.shape[1], image.shape[0]
-    size_wh = getattr(image, "size_wh", None)  # an image preprocessed ahead of time
-    if size_wh is not None:
-        return tuple(size_wh)
-    if not isinstance(image, (Image.Image, str, Path)):
-        return None
-    try:
-        return header_size(image, "image", exif_transpose)
-    except ImageError:
-        return None
-
-
 def header_size(image: Image.Image | str | Path, where: str, exif_transpose: bool = False) -> tuple[int, int]:
     """(width, height) of a PIL image or an image file from its header alone, as displayed when
     `exif_transpose`; ImageError naming `where` when the file is missing or its header unreadable."""
