@@ -314,9 +314,9 @@ def _present_subsets(kind: str, dest: Path, subsets: Sequence[str]) -> dict[str,
         elif kind == "scar-train":
             files = [dest / f"SCAR_{subset}.parquet"]
         elif kind == "mmeb-train":
-            from virtue.train.data import MMEB_SPLIT
+            from virtue.train.data import _original_shards
 
-            files = sorted((dest / subset).glob(f"{MMEB_SPLIT}-*.parquet"))
+            files = list(_original_shards(dest / subset))
         else:
             from virtue.eval.mmeb_layout import mmeb_task_files
 
@@ -494,43 +494,45 @@ def _say_next(result: FetchResult, say: Say) -> None:
 # Rows' image paths
 
 
-def _row_values(file: Path, columns: Sequence[str], required: str | None = None) -> Iterator[list[tuple[str, Any]]]:
-    """Per row of a parquet file, the (column, value) pairs of `columns` present in it; a list column gives one pair
-    per item, named `column[k]`. `required`: a column the file must have (`DataError` otherwise)."""
-    import pyarrow.parquet as pq
+def _row_values(
+    files: Sequence[Path],
+    columns: Sequence[str],
+    *,
+    labels: Sequence[str] | None = None,
+    required: Sequence[str] = (),
+    limit: int | None = None,
+) -> Iterator[tuple[str, list[tuple[str, Any]]]]:
+    """Per row of the parquet files, read as `virtue.eval.datasets` reads them (row ids `<label>:<row>`, label
+    default the file name; `limit` rows over all files; `required` columns, a `DataError` when one is missing), its
+    id and the (column, value) pairs of `columns` present in the file; a list column gives one pair per item, named
+    `column[k]`."""
+    from virtue.eval.datasets import _open_parquet, _rows, _Source
 
-    try:
-        parquet = pq.ParquetFile(file)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{file}: cannot read as parquet ({exc})") from exc
-    names = parquet.schema_arrow.names
-    if required is not None and required not in names:
-        raise DataError(f"{file}: missing required column {required!r}; the file has {names}")
-    present = [c for c in columns if c in names]
-    if not present:
-        yield from ([] for _ in range(parquet.metadata.num_rows))
-        return
-    for batch in parquet.iter_batches(4096, columns=present):
-        data = [(c, batch.column(c).to_pylist()) for c in present]
-        for i in range(batch.num_rows):
-            pairs: list[tuple[str, Any]] = []
-            for column, values in data:
-                value = values[i]
-                if isinstance(value, list):
-                    pairs.extend((f"{column}[{k}]", item) for k, item in enumerate(value))
-                else:
-                    pairs.append((column, value))
-            yield pairs
+    labels = [f.name for f in files] if labels is None else labels
+    sources = []
+    for file, label in zip(files, labels, strict=True):
+        parquet, present = _open_parquet(file, required, [c for c in columns if c not in required])
+        sources.append(_Source(parquet, present, label))
+    for row_id, row in _rows(sources, limit):
+        pairs: list[tuple[str, Any]] = []
+        for column in columns:
+            if column not in row:
+                continue
+            value = row[column]
+            if isinstance(value, list):
+                pairs.extend((f"{column}[{k}]", item) for k, item in enumerate(value))
+            else:
+                pairs.append((column, value))
+        yield row_id, pairs
 
 
 def _unique_paths(files: Iterable[Path], *columns: str) -> list[str]:
     """The distinct non-empty string paths of `columns`, in row order."""
     seen: dict[str, None] = {}
-    for file in files:
-        for pairs in _row_values(file, columns):
-            for _, value in pairs:
-                if isinstance(value, str) and value.strip():
-                    seen.setdefault(value, None)
+    for _, pairs in _row_values(list(files), columns):
+        for _, value in pairs:
+            if isinstance(value, str) and value.strip():
+                seen.setdefault(value, None)
     return list(seen)
 
 
@@ -672,30 +674,14 @@ def _eval_references(
 ) -> Iterator[tuple[SubsetCheck, Iterator[_Ref]]]:
     """The task files `virtue eval` finds under `dest` (`available_tasks`) and its image root (`--image-root`, else
     SCaR: the data root; MMEB: `mmeb_image_root`), each row's path joined to it as the evaluation reader does."""
-    from virtue.eval.runner import EvalConfig, available_tasks
+    from virtue.eval.runner import EvalConfig, available_tasks, task_files
 
     benchmark = "scar" if kind == "scar-eval" else "mmeb"
-    tasks = available_tasks(EvalConfig(benchmark=benchmark, data_root=str(dest), tasks=subsets))
-    if benchmark == "scar":
-        from virtue.eval.datasets import find_scar_files
-
-        scar_files = find_scar_files(dest)
-        root = image_root or dest
-    else:
-        from virtue.eval.mmeb_layout import mmeb_image_root, mmeb_task_files
-
-        root = image_root or mmeb_image_root(dest)
-    for task in tasks:
-        if benchmark == "scar":
-            if task.file_stem not in scar_files:
-                raise ConfigError(f"{dest}: no file for task {task.name} (expected {task.file_stem}.parquet)")
-            files, labels = [scar_files[task.file_stem]], [scar_files[task.file_stem].name]
-        else:
-            files = mmeb_task_files(dest, task.file_stem)
-            if not files:
-                raise ConfigError(f"{dest}: no file for task {task.name} (expected {task.file_stem}/test-*.parquet "
-                                  f"or {task.file_stem}.parquet)")
-            labels = [f.relative_to(dest).as_posix() for f in files]
+    cfg = EvalConfig(benchmark=benchmark, data_root=str(dest), tasks=subsets,
+                     image_root=None if image_root is None else str(image_root))
+    for task in available_tasks(cfg):
+        files, root = task_files(task, cfg)
+        labels = [files[0].name] if benchmark == "scar" else [f.relative_to(dest).as_posix() for f in files]
         subset = SubsetCheck(task.name)
         yield subset, _eval_refs(subset, files, labels, root, benchmark, limit)
 
@@ -705,19 +691,15 @@ def _eval_refs(
 ) -> Iterator[_Ref]:
     """Row ids `<label>:<row>` counted per file, `limit` over all files, as `virtue.eval.datasets` counts them."""
     columns = DATASETS["scar-eval" if benchmark == "scar" else "mmeb-eval"].image_columns
-    for file, label in zip(files, labels, strict=True):
-        for row, pairs in enumerate(_row_values(file, columns, required=columns[0])):
-            if limit is not None and subset.rows >= limit:
-                return
-            subset.rows += 1
-            row_id = f"{label}:{row}"
-            for column, value in pairs:
-                if isinstance(value, str) and value.strip():
-                    yield row_id, column, root / value, ""
-                elif benchmark == "scar":  # a SCaR query always has an image; an empty MMEB path is a text-only side
-                    yield row_id, column, None, f"expected an image path, got {value!r}"
-                elif value is not None and not isinstance(value, str):
-                    yield row_id, column, None, f"expected an image path or '', got {value!r}"
+    for row_id, pairs in _row_values(files, columns, labels=labels, required=columns[:1], limit=limit):
+        subset.rows += 1
+        for column, value in pairs:
+            if isinstance(value, str) and value.strip():
+                yield row_id, column, root / value, ""
+            elif benchmark == "scar":  # a SCaR query always has an image; an empty MMEB path is a text-only side
+                yield row_id, column, None, f"expected an image path, got {value!r}"
+            elif value is not None and not isinstance(value, str):
+                yield row_id, column, None, f"expected an image path or '', got {value!r}"
 
 
 def _check_subset(subset: SubsetCheck, refs: Iterator[_Ref], decode: bool, workers: int, progress: bool) -> None:

@@ -48,9 +48,10 @@ def as_stored(item: EmbedInput) -> EmbedInput:
     return item if item.image is None or item.stored_pixels else dataclasses.replace(item, stored_pixels=True)
 
 
-def parse_input(value: Any, index: int = 0) -> EmbedInput:
-    """`str` -> text; PIL image / path / array -> image; dict -> image, text and prompt keys."""
-    where = f"input {index}"
+def parse_input(value: Any, index: int = 0, where: str | None = None) -> EmbedInput:
+    """`str` -> text; PIL image / path / array -> image; dict -> image, text and prompt keys. Errors name the
+    input as `where` (default "input {index}")."""
+    where = where or f"input {index}"
     if isinstance(value, EmbedInput):
         return _checked(value, where)
     if isinstance(value, str):
@@ -101,13 +102,18 @@ def _prompt(d: dict) -> VisualPrompt | None:
         mask = MaskLogits(d["mask_logits"])
     elif mask is not None and not isinstance(mask, Mask):
         if isinstance(mask, (str, Path)):
-            try:
-                mask = np.asarray(load_image(mask, "mask").convert("L"))
-            except ImageError as exc:
-                raise PromptError(str(exc)) from None
+            mask = read_mask_file(mask)
         mask = Mask(mask)
     prompt = VisualPrompt(points=points, box=box, mask=mask)
     return None if prompt.is_empty else prompt
+
+
+def read_mask_file(path: str | Path) -> np.ndarray:
+    """A mask image file (0/255) -> its 8-bit array; PromptError when it cannot be read."""
+    try:
+        return np.asarray(load_image(path, "mask").convert("L"))
+    except ImageError as exc:
+        raise PromptError(str(exc)) from None
 
 
 def _checked(item: EmbedInput, where: str) -> EmbedInput:

@@ -91,15 +91,22 @@ class Box:
         w, h = size_wh
         return self.x1 >= 0 and self.y1 >= 0 and self.x2 <= w and self.y2 <= h
 
-    def validate(self, size_wh: tuple[int, int]) -> None:
-        w, h = size_wh
+    def check_shape(self, size_wh: tuple[int, int] | None = None) -> None:
+        """The checks that need no image: finite coordinates, positive width and height. `size_wh`, if known,
+        is named in the message."""
         shown = "[" + ", ".join(f"{v:g}" for v in self.xyxy) + "]"
+        within = f" within {size_wh[0]}x{size_wh[1]}" if size_wh is not None else ""
         if not all(np.isfinite(v) for v in self.xyxy):
             raise PromptError(f"box {shown}: coordinates must be finite")
         if self.x2 <= self.x1:
-            raise PromptError(f"box {shown} has zero or negative width; expected x1 < x2 within {w}x{h}")
+            raise PromptError(f"box {shown} has zero or negative width; expected x1 < x2{within}")
         if self.y2 <= self.y1:
-            raise PromptError(f"box {shown} has zero or negative height; expected y1 < y2 within {w}x{h}")
+            raise PromptError(f"box {shown} has zero or negative height; expected y1 < y2{within}")
+
+    def validate(self, size_wh: tuple[int, int]) -> None:
+        self.check_shape(size_wh)
+        w, h = size_wh
+        shown = "[" + ", ".join(f"{v:g}" for v in self.xyxy) + "]"
         if not self.outside_ok and not self.is_inside(size_wh):
             raise PromptError(f"box {shown} lies outside the {w}x{h} image")
 

@@ -14,8 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from virtue.errors import ImageError, InputError, PromptError
-from virtue.inputs import EmbedInput
-from virtue.processing.images import load_image
+from virtue.inputs import EmbedInput, read_mask_file
 from virtue.processing.text import with_image_token
 from virtue.prompts import Box, Mask, Points
 
@@ -198,11 +197,7 @@ class MaskFile(Mask):
     def array(self) -> np.ndarray:  # type: ignore[override]
         if not self.path.is_file():
             raise PromptError(f"mask file not found: {self.path}")
-        try:
-            image = load_image(self.path, "mask")
-        except ImageError as exc:
-            raise PromptError(str(exc)) from None
-        return Mask(np.asarray(image.convert("L"))).array
+        return Mask(read_mask_file(self.path)).array
 
     def __repr__(self) -> str:
         return f"MaskFile({str(self.path)!r})"

@@ -28,7 +28,7 @@ from PIL import Image
 from tests.conftest import MINI_SCAR
 from virtue.apps.server import ServeConfig, create_app
 from virtue.cli import serve as serve_cli
-from virtue.errors import InputError
+from virtue.errors import InputError, PromptError
 
 ATOL = 1e-5
 
@@ -346,6 +346,27 @@ def test_a_request_the_model_rejects_does_not_fail_its_batch(tiny_model, images)
     # the index is the item's place in its own request, not in the merged batch
     assert_error(rbad, 422, "input 1: the model refuses this text", index=1)
     assert stats["retried_batches"] == 1 and 5 in model.calls, (stats, model.calls)
+
+
+def test_prompts_on_an_exif_rotated_photo_are_checked_as_encode_checks_them(tiny_model):
+    # An 80x40 JPEG whose EXIF orientation (6) shows it as 40x80: the model (clean setting) reads it upright, so a
+    # box in the lower half of the displayed photo is valid there, and one past its displayed width is not.
+    assert tiny_model.config.compat.exif_orientation
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 40), (200, 30, 30)).save(buffer, "JPEG", exif=exif)
+    jpeg = buffer.getvalue()
+    upright_box, stored_box = [5, 50, 35, 75], [45, 5, 75, 35]
+    expected = tiny_model.encode([{"image": decoded(jpeg), "box": upright_box}])
+    with pytest.raises(PromptError, match="outside"):
+        tiny_model.encode([{"image": decoded(jpeg), "box": stored_box}])
+    with running(create_app(tiny_model, ServeConfig())) as url, client(url) as http:
+        r = http.post("/embed", json={"inputs": [{"image": b64(jpeg), "box": upright_box}]})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array(r.json()["embeddings"]), expected, atol=ATOL)
+        r = http.post("/embed", json={"inputs": [{"image": b64(jpeg), "box": stored_box}]})
+        assert_error(r, 422, "input 0: box [45, 5, 75, 35] lies outside the 40x80 image", index=0)
 
 
 def test_cli_flags_build_the_config():

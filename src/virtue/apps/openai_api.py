@@ -46,7 +46,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -59,11 +58,13 @@ from virtue.apps.server import (
     _prepare_json,
     _refuse_if_busy,
     _validation_error,
+    busy_error,
+    upright_photos,
 )
 from virtue.errors import ImageError, InputError
 from virtue.inputs import EmbedInput
+from virtue.processing.batch import VirtueProcessor
 from virtue.processing.images import header_size
-from virtue.processing.text import with_image_token
 
 __all__ = [
     "PREFIX",
@@ -246,14 +247,6 @@ def _body_error(errors: Sequence[Any]) -> OpenAIError:
     return OpenAIError(422, "; ".join(parts), param=first, code=code)
 
 
-def _busy(exc: Exception, config: ServeConfig) -> OpenAIError:
-    if isinstance(exc, QueueFullError):
-        message = f"server busy: {exc}; retry in {config.retry_after_s} s"
-    else:
-        message = f"server unavailable: {exc}"
-    return OpenAIError(503, message, code="server_busy", headers={"Retry-After": str(config.retry_after_s)})
-
-
 def to_openai_error(exc: Exception, config: ServeConfig) -> OpenAIError:
     """Whatever a /v1 route raised -> the OpenAI-shaped answer (a bug: 500, logged)."""
     if isinstance(exc, OpenAIError):
@@ -265,7 +258,7 @@ def to_openai_error(exc: Exception, config: ServeConfig) -> OpenAIError:
     if isinstance(exc, RequestValidationError):
         return _body_error(exc.errors())
     if isinstance(exc, (QueueFullError, BatcherClosedError)):
-        return _busy(exc, config)
+        return _from_api_error(busy_error(exc, config))
     logger.error("/v1 request failed", exc_info=exc)
     return OpenAIError(500, f"internal error ({type(exc).__name__}); see the server's log", code="internal_error")
 
@@ -402,48 +395,41 @@ def parse_openai_input(value: Any, config: ServeConfig) -> list[EmbedItem | str]
 
 # --------------------------------------------------------------------------------------------------- usage
 class TokenCounter:
-    """Tokens the language model reads for each input, as `VirtueModel` builds its rows.
-
-    Text tokens of the formatted text (`with_image_token`: placeholder and default instruction of an image
-    included), the placeholder expanded to the image's visual tokens (the model's own rule, from the image's size
-    as displayed), plus the SAM2 branch's segmentation tokens for an image input. The model's tokenizer is copied
-    on first use, so counting never shares it with the model's thread.
+    """Tokens the language model reads for each input, as `VirtueModel` builds its rows: the row's token ids
+    (`VirtueProcessor.row_ids`: formatted text, the image placeholder expanded to the image's visual tokens, from
+    its size as displayed) plus the SAM2 branch's segmentation tokens for an image input. Counted with a private
+    processor over a copy of the model's tokenizer (made on first use), never shared with the model's thread.
     """
 
     def __init__(self, model: Any):
-        self._processor = getattr(model, "processor", None)
-        self._source = getattr(self._processor, "tokenizer", None)
-        self._tokens_for_size = getattr(model, "visual_tokens_for_size", None)
-        config = getattr(model, "config", None)
-        sam = getattr(config, "sam", None)
+        self._model = model
+        self._source = getattr(getattr(model, "processor", None), "tokenizer", None)
+        sam = getattr(getattr(model, "config", None), "sam", None)
         has_sam = getattr(model, "sam", None) is not None and bool(getattr(sam, "enabled", False))
         self._segmentation_tokens = int(sam.num_tokens) if has_sam else 0
-        self._tokenizer: Any = None
+        self._processor: Any = None
         self._lock = threading.Lock()
 
     def count(self, items: Sequence[EmbedInput]) -> list[int]:
-        """Token counts of validated items (images decoded); raises `ImageError` naming the input for an image
-        the model cannot resize (aspect ratio)."""
+        """Token counts of validated items (images decoded); raises `InputError` naming the input for an image
+        the model cannot resize (aspect ratio) or a row longer than the model reads."""
         if self._source is None:
             return [0] * len(items)
-        texts = [with_image_token(item.text, item.has_image, f"input {i}") for i, item in enumerate(items)]
         with self._lock:
-            if self._tokenizer is None:
-                self._tokenizer = copy.deepcopy(self._source)
-            ids = self._tokenizer(texts)["input_ids"]
-        counts = [len(row) for row in ids]
-        for i, item in enumerate(items):
-            if item.has_image:
-                counts[i] += self.visual_tokens(item, f"input {i}") - 1 + self._segmentation_tokens
+            if self._processor is None:
+                self._processor = VirtueProcessor(self._model.config, copy.deepcopy(self._source))
+            counts = []
+            for i, item in enumerate(items):
+                where = f"input {i}"
+                visual = self._visual_tokens(item, where) if item.has_image else None
+                extra = self._segmentation_tokens if item.has_image else 0
+                counts.append(len(self._processor.row_ids(item, where, visual)) + extra)
         return counts
 
-    def visual_tokens(self, item: EmbedInput, where: str) -> int:
-        """The image's visual tokens after the 2x2 merge, from its size alone."""
-        if self._tokens_for_size is None or not isinstance(item.image, Image.Image):
-            return 1  # a model without the rule: the placeholder itself
+    def _visual_tokens(self, item: EmbedInput, where: str) -> int:
         size = header_size(item.image, where, self._processor.exif_transpose(item))
         try:
-            return self._tokens_for_size(size)
+            return self._model.visual_tokens_for_size(size)
         except ImageError as exc:
             raise ImageError(f"{where}: {exc}") from None
 
@@ -461,6 +447,7 @@ def add_openai_routes(app: FastAPI, model: Any, batcher: EmbedBatcher, config: S
     dim = getattr(getattr(model, "config", None), "hidden_size", None)
     created = int(time.time())
     counter = TokenCounter(model)
+    upright = upright_photos(model)
     router = APIRouter(prefix=PREFIX, tags=["OpenAI-compatible"], route_class=_openai_route_class(config))
 
     def check_model(requested: str, param: str | None) -> None:
@@ -475,7 +462,7 @@ def add_openai_routes(app: FastAPI, model: Any, batcher: EmbedBatcher, config: S
                               code="invalid_dimensions")
 
     def prepare(items: list[EmbedItem | str]) -> tuple[list[EmbedInput], list[int]]:
-        inputs = _prepare_json(items, config)  # decoding and every check of POST /embed
+        inputs = _prepare_json(items, config, upright)  # decoding and every check of POST /embed
         return inputs, counter.count(inputs)
 
     @router.post(

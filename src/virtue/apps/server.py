@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from virtue.apps.batching import BatcherClosedError, EmbedBatcher, QueueFullError, ServeConfig
 from virtue.errors import InputError, PromptError
 from virtue.inputs import EmbedInput, parse_input
+from virtue.processing.images import header_size
 from virtue.processing.text import with_image_token
 
 __all__ = [
@@ -319,8 +320,16 @@ def decode_image(data: bytes, config: ServeConfig, index: int | None = None, fie
     return img
 
 
-def _prepare(raw: _RawItem, index: int | None, config: ServeConfig) -> EmbedInput:
-    """Decode and validate one item completely, so that what is queued cannot fail for bad input."""
+def upright_photos(model: Any) -> bool:
+    """Whether `model` turns photos upright by their EXIF orientation (its compatibility setting): prompts are
+    then checked against the displayed size, as `encode` checks them."""
+    compat = getattr(getattr(model, "config", None), "compat", None)
+    return bool(getattr(compat, "exif_orientation", False))
+
+
+def _prepare(raw: _RawItem, index: int | None, config: ServeConfig, upright: bool) -> EmbedInput:
+    """Decode and validate one item completely, so that what is queued cannot fail for bad input. `upright`:
+    see `upright_photos`."""
     where = _where(index)
     if raw.text is not None and len(raw.text) > config.max_text_chars:
         raise ApiError(413, "text_too_long",
@@ -337,15 +346,10 @@ def _prepare(raw: _RawItem, index: int | None, config: ServeConfig) -> EmbedInpu
     for key in ("box", "points", "labels"):
         if getattr(raw, key) is not None:
             d[key] = getattr(raw, key)
-    try:
-        item = parse_input(d, 0 if index is None else index)  # InputError: "input i: ..." (-> 422)
-    except InputError as exc:
-        if index is not None:
-            raise
-        raise type(exc)(str(exc).replace("input 0:", "query:", 1)) from None
+    item = parse_input(d, where=where)  # InputError: "input i: ..." (-> 422)
     if image is not None and item.prompt is not None:
         try:
-            item.prompt.validate(image.size)
+            item.prompt.validate(header_size(image, where, upright))
         except PromptError as exc:
             raise PromptError(f"{where}: {exc}") from None
     with_image_token(item.text, item.has_image, where)  # placeholder count, as encode will check it
@@ -365,11 +369,13 @@ def _raw_from_json(value: EmbedItem | str, index: int | None, config: ServeConfi
     )
 
 
-def _prepare_json(values: Sequence[EmbedItem | str], config: ServeConfig, indexed: bool = True) -> list[EmbedInput]:
+def _prepare_json(
+    values: Sequence[EmbedItem | str], config: ServeConfig, upright: bool, indexed: bool = True
+) -> list[EmbedInput]:
     out = []
     for i, value in enumerate(values):
         index = i if indexed else None
-        out.append(_prepare(_raw_from_json(value, index, config), index, config))
+        out.append(_prepare(_raw_from_json(value, index, config), index, config, upright))
     return out
 
 
@@ -518,6 +524,7 @@ def create_app(model: Any, config: ServeConfig | None = None, search_db: str | P
     """
     config = config or ServeConfig()
     db = None if search_db is None else str(search_db)
+    upright = upright_photos(model)
 
     def encode(items: list[Any], **options: Any) -> np.ndarray:
         return np.asarray(
@@ -562,12 +569,7 @@ def create_app(model: Any, config: ServeConfig | None = None, search_db: str | P
         return _validation_error(exc.errors()).response()
 
     async def busy(request: Request, exc: Exception) -> JSONResponse:
-        if isinstance(exc, QueueFullError):
-            message = f"server busy: {exc}; retry in {config.retry_after_s} s"
-        else:
-            message = f"server unavailable: {exc}"
-        error = ApiError(503, "server_busy", message, headers={"Retry-After": str(config.retry_after_s)})
-        return error.response()
+        return busy_error(exc, config).response()
 
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(InputError, input_error)
@@ -612,7 +614,7 @@ def create_app(model: Any, config: ServeConfig | None = None, search_db: str | P
         if content_type == "multipart/form-data":
             raw = await _read_form(request, config)
             _refuse_if_busy(batcher, config)
-            inputs = await run_in_threadpool(lambda: [_prepare(raw, 0, config)])
+            inputs = await run_in_threadpool(lambda: [_prepare(raw, 0, config, upright)])
         elif content_type == "application/json" or content_type.endswith("+json"):
             try:
                 body = EmbedRequest.model_validate_json(await request.body())
@@ -623,7 +625,7 @@ def create_app(model: Any, config: ServeConfig | None = None, search_db: str | P
                                f"{config.max_batch_size} per request", field="inputs")
             _refuse_if_busy(batcher, config)
             # Base64 and image decoding take CPU time: off the event loop, which keeps serving other requests.
-            inputs = await run_in_threadpool(_prepare_json, body.inputs, config)
+            inputs = await run_in_threadpool(_prepare_json, body.inputs, config, upright)
         else:
             raise ApiError(415, "unsupported_media_type",
                            f"Content-Type {content_type!r}: send application/json or multipart/form-data")
@@ -653,7 +655,7 @@ def create_app(model: Any, config: ServeConfig | None = None, search_db: str | P
             raise ApiError(501, "search_unavailable", f"region search is not available in this install ({exc})") \
                 from None
         _refuse_if_busy(batcher, config)
-        (query,) = await run_in_threadpool(_prepare_json, [body.query], config, False)
+        (query,) = await run_in_threadpool(_prepare_json, [body.query], config, upright, False)
         try:
             # What `virtue.search.search` does, split so that the weights are hashed once per server rather
             # than once per query, and the query is embedded through the shared queue and model thread.
@@ -677,6 +679,15 @@ def create_app(model: Any, config: ServeConfig | None = None, search_db: str | P
     add_openai_routes(app, model, batcher, config)
     _add_component_schemas(app, [EmbedRequest])
     return app
+
+
+def busy_error(exc: Exception, config: ServeConfig) -> ApiError:
+    """A full queue (QueueFullError) or a stopped worker (BatcherClosedError) -> 503 with `Retry-After`."""
+    if isinstance(exc, QueueFullError):
+        message = f"server busy: {exc}; retry in {config.retry_after_s} s"
+    else:
+        message = f"server unavailable: {exc}"
+    return ApiError(503, "server_busy", message, headers={"Retry-After": str(config.retry_after_s)})
 
 
 def _refuse_if_busy(batcher: EmbedBatcher, config: ServeConfig) -> None:

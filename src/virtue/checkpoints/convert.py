@@ -11,6 +11,12 @@ from virtue.checkpoints.native import check_state_dict, save_native
 from virtue.errors import CheckpointError
 
 
+def check_new_destination(dst: Path) -> None:
+    """Refuse to write a model into `dst` if it exists and is not an empty directory."""
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise CheckpointError(f"{dst}: exists and is not empty; choose a new directory")
+
+
 def convert_checkpoint(
     src: str | Path, dst: str | Path, *, sam_checkpoint: str | Path | None = None, allow_hub: bool = True
 ) -> Path:
@@ -18,8 +24,7 @@ def convert_checkpoint(
     converted model gives the same embeddings. `dst` also gets the sentence-transformers files (through
     `save_native`): it loads with `SentenceTransformer(dst, trust_remote_code=True)` as well."""
     dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise CheckpointError(f"{dst}: exists and is not empty; choose a new directory")
+    check_new_destination(dst)
     ckpt = read_checkpoint(src, sam_checkpoint=sam_checkpoint, allow_hub=allow_hub)
     if ckpt.layout != "official":
         raise CheckpointError(f"{src}: already in the library layout; nothing to convert")

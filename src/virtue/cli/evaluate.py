@@ -67,8 +67,10 @@ def run(args: argparse.Namespace) -> int:
 def _rank_device(args: argparse.Namespace) -> bool:
     """Under torchrun, put each rank's model on its own GPU (cuda:LOCAL_RANK) unless a device index was given;
     return whether this is rank 0 (the one that prints)."""
-    import torch
+    from virtue.eval.distributed import local_device, world_size
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available() and args.device in (None, "cuda"):
-        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if world_size() > 1 and args.device in (None, "cuda"):
+        device = local_device()
+        if device.type == "cuda":
+            args.device = str(device)
     return int(os.environ.get("RANK", "0")) == 0

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from virtue.cli.common import DTYPES
+
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export a training checkpoint (checkpoint-N) as a standalone model")
@@ -18,15 +20,12 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from virtue import VirtueModel
-    from virtue.errors import CheckpointError
+    from virtue.checkpoints.convert import check_new_destination
 
     dst = Path(args.dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise CheckpointError(f"{dst}: exists and is not empty; choose a new directory")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    check_new_destination(dst)
+    dtype = DTYPES[args.dtype]
     model = VirtueModel.from_pretrained(args.checkpoint, dtype=dtype, allow_hub=not args.no_hub)
     model.save_pretrained(dst, dtype=dtype)
     print(f"wrote {dst}")

@@ -41,11 +41,17 @@ def consensus_scores(queries: Sequence[EvalQuery]) -> list[np.ndarray]:
     the same amount to every score, so only the words that differ between captions decide.
     Candidates with an image score 0 and do not count as "others": their text is an instruction, not a caption.
     """
-    return [_consensus(q) for q in queries]
+    # The words of each table entry, computed once: a table holds each distinct candidate once, while its queries
+    # list them many times (1,000 candidates per MMEB query).
+    tables: dict[int, list[frozenset[str] | None]] = {}
+    for q in queries:
+        if id(q.table) not in tables:
+            tables[id(q.table)] = [None if c.has_image else caption_words(c.text or "") for c in q.table.inputs]
+    return [_consensus(q, tables[id(q.table)]) for q in queries]
 
 
-def _consensus(query: EvalQuery) -> np.ndarray:
-    words = [None if c.has_image else caption_words(c.text or "") for c in query.candidates]
+def _consensus(query: EvalQuery, table_words: Sequence[frozenset[str] | None]) -> np.ndarray:
+    words = [table_words[i] for i in query.candidate_ids.tolist()]
     # How many candidates contain each word; each candidate counts a word once.
     counts = Counter(w for ws in words if ws is not None for w in ws)
     # "- 1" removes the candidate itself from the count of candidates containing its own word.

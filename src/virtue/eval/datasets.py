@@ -55,7 +55,7 @@ from virtue.eval.table import EvalQuery, EvalTask, InputTable
 from virtue.inputs import EmbedInput
 from virtue.processing.text import DATASET_IMAGE_TOKEN, IMAGE_TOKEN, mmeb_candidate_text, mmeb_query_text
 from virtue.prompts import Box, Points, VisualPrompt
-from virtue.rows import BadRow, PolygonMask, polygon_outside, read_image_size
+from virtue.rows import BadRow, ImageHeaders, PolygonMask, polygon_outside
 from virtue.rows import BadValue as _BadValue
 from virtue.rows import check_image_tokens as _checked_tokens
 from virtue.rows import check_prompt_part as _checked_prompt
@@ -120,7 +120,13 @@ def scar_eval_query_text(qry_text: str, bbox_xywh: Sequence[float] | None, *, wi
     return text if with_image else text.replace(IMAGE_TOKEN, "", 1).lstrip()
 
 
-def _mmeb_image_candidate_text(instruction: str | None, entry: str, family: str) -> str:
+def t2i_query_suffix(task: str) -> str:
+    """What the official t2i code appends to a text-only query of `task`: one more newline for "VisDial" only
+    ("to be consistent with v1")."""
+    return "\n" if task == "VisDial" else ""
+
+
+def mmeb_image_candidate_text(instruction: str | None, entry: str, family: str) -> str:
     """An MMEB image candidate's text (virtue-spec §5.4).
 
     Assumptions, where the rows do not say: an entry holding `<|image_1|>` is the whole candidate text (the MMEB-eval
@@ -146,11 +152,12 @@ def _mmeb_image_candidate_text(instruction: str | None, entry: str, family: str)
 
 
 class _Images:
-    """Image sizes from file headers, cached (SCaR has several queries per image), and crops."""
+    """Image sizes from file headers, cached with the reason a file cannot be used (SCaR has several queries per
+    image; a missing image named by many rows is looked up once), and crops."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._sizes: dict[Path, tuple[int, int]] = {}
+        self._headers = ImageHeaders()
 
     def path(self, value: Any, column: str) -> Path:
         if not isinstance(value, str) or not value.strip():
@@ -158,9 +165,10 @@ class _Images:
         return self.root / value
 
     def size(self, path: Path, column: str) -> tuple[int, int]:
-        if path not in self._sizes:
-            self._sizes[path] = _read_size(path, column)
-        return self._sizes[path]
+        size = self._headers.get(path)
+        if isinstance(size, str):
+            raise _BadValue(column, size)
+        return size
 
     @staticmethod
     def crop(path: Path, box: Box, column: str) -> Image.Image:
@@ -169,13 +177,6 @@ class _Images:
                 return img.crop(box.xyxy)
         except (UnidentifiedImageError, OSError) as exc:
             raise _BadValue(column, f"cannot decode {path} ({exc})") from None
-
-
-def _read_size(path: Path, column: str) -> tuple[int, int]:
-    size = read_image_size(path)
-    if isinstance(size, str):
-        raise _BadValue(column, size)
-    return size
 
 
 def _listed(value: Any, column: str) -> list[Any]:
@@ -546,8 +547,8 @@ def _mmeb_query(row: dict[str, Any], images: _Images, task: str, family: str) ->
         image = images.path(path, "qry_img_path")
         images.size(image, "qry_img_path")
     query_text = mmeb_query_text(instruction, text, with_image=image is not None, family=family)
-    if family == "t2i" and task == "VisDial":
-        query_text += "\n"  # the official t2i code adds it "to be consistent with v1"
+    if family == "t2i":
+        query_text += t2i_query_suffix(task)
     if image is None and not query_text.strip():
         raise _BadValue("qry_text", "empty text and no image")
     return EmbedInput(query_text, image)
@@ -574,5 +575,5 @@ def _mmeb_candidate(
         return _checked_tokens(EmbedInput(text), "tgt_text"), name
     image = images.path(path, "tgt_img_path")
     images.size(image, "tgt_img_path")
-    side = EmbedInput(_mmeb_image_candidate_text(instruction, text, family), image)
+    side = EmbedInput(mmeb_image_candidate_text(instruction, text, family), image)
     return _checked_tokens(side, "tgt_text"), name

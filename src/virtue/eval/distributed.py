@@ -16,6 +16,29 @@ import torch.distributed as dist
 from virtue.errors import ConfigError
 
 
+def world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_device() -> torch.device:
+    """This process's GPU under torchrun, cuda:LOCAL_RANK, when CUDA is available; else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def join_process_group(device: torch.device) -> bool:
+    """Initialise the process group torchrun describes, if there is one (WORLD_SIZE > 1) and none is yet: NCCL
+    with `device` made the current GPU when it is one, gloo on the CPU. Returns whether it initialised one."""
+    if dist.is_initialized() or world_size() <= 1:
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
 @dataclass
 class Ranks:
     """This process's place among the evaluation processes.
@@ -47,12 +70,7 @@ class Ranks:
         """
         if mode is False:
             return cls()
-        owned = False
-        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            if model_device.type == "cuda":
-                torch.cuda.set_device(model_device)
-            dist.init_process_group("nccl" if model_device.type == "cuda" else "gloo")
-            owned = True
+        owned = join_process_group(model_device)
         if not dist.is_initialized():
             if mode:
                 raise ConfigError("distributed: True, but no process group is initialised and WORLD_SIZE is not > 1 "

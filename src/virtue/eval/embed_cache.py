@@ -21,14 +21,19 @@ from virtue.inputs import EmbedInput
 from virtue.processing.images import image_digest, load_image
 
 
-def model_fingerprint(model: torch.nn.Module, config_json: str) -> str:
-    """sha256 over the config and every parameter and buffer (names, shapes, dtypes and bytes)."""
-    h = hashlib.sha256(config_json.encode())
-    for name, tensor in sorted(model.state_dict().items()):
+def hash_tensors(h, named_tensors) -> None:
+    """Feed (name, tensor) pairs into the hash `h`, in the order given: each one's name, shape, dtype and bytes."""
+    for name, tensor in named_tensors:
         t = tensor.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
         # The array itself, not `.tobytes()`: hashing a copy would double a multi-GB model's memory for a moment.
         h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+
+
+def model_fingerprint(model: torch.nn.Module, config_json: str) -> str:
+    """sha256 over the config and every parameter and buffer (names, shapes, dtypes and bytes)."""
+    h = hashlib.sha256(config_json.encode())
+    hash_tensors(h, sorted(model.state_dict().items()))
     return h.hexdigest()[:32]
 
 

@@ -198,24 +198,39 @@ class Embedder:
             self.cache.close()
 
 
-def _load(task: TaskSpec, cfg: EvalConfig, variant: str) -> EvalTask:
-    from virtue.eval import datasets
-    from virtue.eval.mmeb_layout import mmeb_image_root, mmeb_task_files
+def task_files(task: TaskSpec, cfg: EvalConfig) -> tuple[list[Path], Path]:
+    """The parquet file(s) of `task` under `cfg.data_root` and the image root its rows are relative to
+    (`cfg.image_root`, else SCaR: the data root; MMEB: `mmeb_image_root`).
 
+    Raises:
+        ConfigError: the task has no file there (or, MMEB, its images are still zipped).
+    """
     root = Path(cfg.data_root)
     if task.benchmark == "scar":
-        files = datasets.find_scar_files(root)
-        if task.file_stem not in files:
+        from virtue.eval.datasets import find_scar_files
+
+        scar_files = find_scar_files(root)
+        if task.file_stem not in scar_files:
             raise ConfigError(f"{root}: no file for task {task.name} (expected {task.file_stem}.parquet)")
-        image_root = Path(cfg.image_root) if cfg.image_root else root
-        return datasets.load_scar_eval(files[task.file_stem], image_root, task=task.name, variant=variant,
-                                       limit=cfg.limit, strict_boxes=cfg.strict_boxes)
+        return [scar_files[task.file_stem]], Path(cfg.image_root) if cfg.image_root else root
+    from virtue.eval.mmeb_layout import mmeb_image_root, mmeb_task_files
+
     files = mmeb_task_files(root, task.file_stem)
     if not files:
         raise ConfigError(f"{root}: no file for task {task.name} (expected {task.file_stem}.parquet or "
                           f"{task.file_stem}/test-*.parquet)")
-    image_root = Path(cfg.image_root) if cfg.image_root else mmeb_image_root(root)
-    return datasets.load_mmeb_eval(files, image_root, task=task.name, family=task.meta, limit=cfg.limit, root=root)
+    return files, Path(cfg.image_root) if cfg.image_root else mmeb_image_root(root)
+
+
+def _load(task: TaskSpec, cfg: EvalConfig, variant: str) -> EvalTask:
+    from virtue.eval import datasets
+
+    files, image_root = task_files(task, cfg)
+    if task.benchmark == "scar":
+        return datasets.load_scar_eval(files[0], image_root, task=task.name, variant=variant, limit=cfg.limit,
+                                       strict_boxes=cfg.strict_boxes)
+    return datasets.load_mmeb_eval(files, image_root, task=task.name, family=task.meta, limit=cfg.limit,
+                                   root=Path(cfg.data_root))
 
 
 def score_task(task: EvalTask, vectors: np.ndarray) -> np.ndarray:

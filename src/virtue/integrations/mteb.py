@@ -70,8 +70,6 @@ __all__ = ["FAMILIES", "VirtueMtebModel", "task_family"]
 # The official text builders (virtue-spec §5.3-5.4): MMEB's five parsers and SCaR's.
 FAMILIES = ("cls", "i2t", "qa", "vg", "t2i", "scar")
 IMAGE_CANDIDATE_INSTRUCTION = "Represent the given image."
-# MMEB task whose official t2i code adds a second trailing newline "to be consistent with v1".
-_EXTRA_NEWLINE_TASKS = ("VisDial",)
 QUERY, DOCUMENT = "query", "document"
 
 VIRTUE_CITATION = """@article{wang2025virtue,
@@ -244,9 +242,11 @@ class VirtueMtebModel(AbsEncoder):
         if family == "scar":
             return _scar_query(image, text, instruction)
         if image is None:
+            from virtue.eval.datasets import t2i_query_suffix
+
             query = mmeb_query_text(instruction, text or "", with_image=False, family="t2i")
-            if family == "t2i" and task_metadata.name in _EXTRA_NEWLINE_TASKS:
-                query += "\n"
+            if family == "t2i":
+                query += t2i_query_suffix(task_metadata.name)
             return EmbedInput(text=query)
         if not instruction:
             # No instruction: the model's default image text, or the text after the placeholder line.
@@ -323,15 +323,12 @@ def _scar_query(image: Any, text: str | None, instruction: str) -> EmbedInput:
 
 def _document(image: Any, text: str | None, instruction: str, family: str) -> EmbedInput:
     """A candidate: text alone is used raw (MMEB / SCaR text candidates); an image is MMEB's image candidate."""
+    from virtue.eval.datasets import mmeb_image_candidate_text
+
     if image is None:
         return EmbedInput(text=f"{instruction} {text}" if instruction else text)
-    # tgt_inst is stored as "<|image_1|>\n<instruction>"; the official code joins token, instruction and caption
-    # with spaces, folds " \n", and ends with a newline except for an image-only i2i / grounding candidate.
-    prompt = _stored(instruction or IMAGE_CANDIDATE_INSTRUCTION).replace(DATASET_IMAGE_TOKEN, "")
-    if text is not None:
-        prompt += " " + text
-    body = (IMAGE_TOKEN + " " + prompt).replace(" \n", "\n")
-    return EmbedInput(text=body if family == "vg" and text is None else body + "\n", image=image)
+    stored = _stored(instruction or IMAGE_CANDIDATE_INSTRUCTION)  # as tgt_inst: "<|image_1|>\n<instruction>"
+    return EmbedInput(text=mmeb_image_candidate_text(stored, text or "", family), image=image)
 
 
 def _side(prompt_type: PromptType | str | None, task_metadata: Any, has_image: bool) -> str:

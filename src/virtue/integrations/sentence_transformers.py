@@ -234,13 +234,7 @@ def describe_input(value: Any) -> str:
     return f"input {_short(value)}"
 
 
-_WHERE = re.compile(r"^input \d+: ")
 _ROWS = re.compile(r"(^|; |bad inputs: )input (\d+): ")
-
-
-def _renamed(exc: InputError, where: str) -> InputError:
-    """The same error, naming the input by `where` instead of its position in a batch ST has reordered."""
-    return type(exc)(_WHERE.sub(f"{where}: ", str(exc), count=1))
 
 
 def _string_input(value: str, where: str) -> Any:
@@ -299,15 +293,12 @@ def _is_message(value: Any) -> bool:
 def to_embed_input(value: Any, prompt: str | None = None) -> EmbedInput:
     """One ST input -> a validated `EmbedInput` with `prompt` applied (`apply_prompt`); errors name the input."""
     where = describe_input(value)
-    try:
-        if isinstance(value, str):
-            value = _string_input(value, where)
-        elif _is_message(value):
-            value, system = _from_messages(value, where)
-            prompt = system if system is not None else prompt
-        return apply_prompt(parse_input(value), prompt, where)
-    except InputError as exc:
-        raise _renamed(exc, where) from None
+    if isinstance(value, str):
+        value = _string_input(value, where)
+    elif _is_message(value):
+        value, system = _from_messages(value, where)
+        prompt = system if system is not None else prompt
+    return apply_prompt(parse_input(value, where=where), prompt, where)
 
 
 # ----------------------------------------------------------------------------------------------- the module

@@ -163,17 +163,21 @@ class VirtueModel(nn.Module):
         model.load_weights(state_dict, source=source)
         del state_dict
         model.to(device=device)
-        for name, module in model.named_children():
+        model.cast_weights(dtype, float32_modules)
+        return model.eval()
+
+    def cast_weights(self, dtype: torch.dtype, float32_modules: Sequence[str] = ()) -> None:
+        """Every top-level module to `dtype` except `float32_modules`. With float32 modules (mixed precision,
+        training) only the weights are cast: buffers (RoPE frequencies) stay float32, as transformers'
+        from_pretrained(torch_dtype=...) leaves them in the official training."""
+        for name, module in self.named_children():
             if name in float32_modules:
                 continue
             if float32_modules:
-                # Mixed precision (training): weights in `dtype`, buffers (RoPE frequencies) kept in float32,
-                # as transformers' from_pretrained(torch_dtype=...) leaves them in the official training.
                 for p in module.parameters():
                     p.data = p.data.to(dtype)
             else:
                 module.to(dtype=dtype)
-        return model.eval()
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
         """Strict load with shapes checked; names every missing, unexpected or mis-shaped key."""
@@ -234,11 +238,13 @@ class VirtueModel(nn.Module):
         normalize: bool = True,
         max_length: int | None = None,
         truncate: bool = False,
+        row_ids: Sequence[list[int]] | None = None,
     ) -> torch.Tensor:
         """Embed one batch of parsed inputs -> [B, hidden], differentiable where weights train.
 
         Image rows and text rows are run as separate sub-batches (their sequences differ in structure) and
-        returned in input order. `encode` is the batched, no-grad entry point for users.
+        returned in input order. `encode` is the batched, no-grad entry point for users. `row_ids`: each row's
+        token ids when already known (`check_inputs`), so they are not tokenised again.
         """
         lengths = {"max_length": max_length, "truncate": truncate}
         indices = list(range(len(items))) if indices is None else list(indices)
@@ -251,10 +257,11 @@ class VirtueModel(nn.Module):
                 if not rows:
                     continue
                 sub_items, sub_indices = [items[n] for n in rows], [indices[n] for n in rows]
+                known = None if row_ids is None else [row_ids[n] for n in rows]
                 if has_image:
-                    pooled = self._embed_image_rows(sub_items, sub_indices, cache, image_resize, lengths)
+                    pooled = self._embed_image_rows(sub_items, sub_indices, cache, image_resize, lengths, known)
                 else:
-                    pooled = self._embed_text_rows(sub_items, sub_indices, lengths)
+                    pooled = self._embed_text_rows(sub_items, sub_indices, lengths, known)
                 parts.append((rows, pooled))
         order = [n for rows, _ in parts for n in rows]
         pooled = torch.cat([p for _, p in parts])
@@ -275,12 +282,14 @@ class VirtueModel(nn.Module):
             return contextlib.nullcontext()
         return cudnn_tf32_off()
 
-    def _embed_text_rows(self, items: Sequence[EmbedInput], indices: Sequence[int], lengths: dict) -> torch.Tensor:
+    def _embed_text_rows(
+        self, items: Sequence[EmbedInput], indices: Sequence[int], lengths: dict, known: list | None
+    ) -> torch.Tensor:
         proc = self.processor
         embed = self.qwen.language_model.embed_tokens
         rows = []
-        for item, i in zip(items, indices, strict=True):
-            ids = proc.row_ids(item, f"input {i}", **lengths)
+        for n, (item, i) in enumerate(zip(items, indices, strict=True)):
+            ids = proc.row_ids(item, f"input {i}", **lengths) if known is None else known[n]
             rows.append(embed(torch.tensor(ids, device=self.device)))
         return last_hidden(self.qwen, *pack_rows(rows, None))
 
@@ -291,6 +300,7 @@ class VirtueModel(nn.Module):
         cache: FeatureCache | None,
         image_resize: tuple[int, int] | None,
         lengths: dict,
+        known: list | None,
     ) -> torch.Tensor:
         proc = self.processor
         if self.sam is None:
@@ -307,8 +317,14 @@ class VirtueModel(nn.Module):
         features = self._image_features(loaded, keys, cache)
         embed = self.qwen.language_model.embed_tokens
         rows = []
-        for item, i, feats in zip(items, indices, features, strict=True):
-            ids = proc.row_ids(item, f"input {i}", feats.num_tokens, **lengths)
+        for n, (item, i, feats) in enumerate(zip(items, indices, features, strict=True)):
+            if known is None:
+                ids = proc.row_ids(item, f"input {i}", feats.num_tokens, **lengths)
+            else:
+                ids = known[n]
+                if ids.count(proc.image_token_id) != feats.num_tokens:  # planned from the header: must agree
+                    raise RuntimeError(f"input {i}: {ids.count(proc.image_token_id)} image tokens planned, "
+                                       f"{feats.num_tokens} computed")
             ids_t = torch.tensor(ids, device=self.device)
             row = embed(ids_t)
             row = row.masked_scatter((ids_t == proc.image_token_id)[:, None], feats.vision.to(row.dtype))
@@ -417,8 +433,8 @@ class VirtueModel(nn.Module):
             raise InputError(f"batch_size: must be >= 1, got {batch_size}")
         if num_workers < 0 or prefetch < 1:
             raise InputError(f"num_workers must be >= 0 and prefetch >= 1, got {num_workers}, {prefetch}")
-        tokens = self.check_inputs(items, image_resize=image_resize, max_length=max_length, truncate=truncate)
-        batches = list(self._plan(items, batch_size, tokens))
+        row_ids = self.check_inputs(items, image_resize=image_resize, max_length=max_length, truncate=truncate)
+        batches = list(self._plan(items, batch_size, row_ids))
         cache = FeatureCache(capacity=max(4 * batch_size, 16)) if reuse_image_features else None
         out = torch.empty(len(items), self.config.hidden_size)
         show = len(batches) > 1 if show_progress_bar is None else show_progress_bar
@@ -428,23 +444,23 @@ class VirtueModel(nn.Module):
         with prepared, tqdm(total=len(batches), desc="Encoding", unit="batch", disable=not show) as bar:
             for batch, rows in prepared:
                 emb = self(rows, indices=batch, cache=cache, image_resize=image_resize,
-                           normalize=normalize_embeddings, max_length=max_length, truncate=truncate)
+                           normalize=normalize_embeddings, row_ids=[row_ids[i] for i in batch])
                 out[batch] = emb.float().cpu()
                 bar.update(1)
         if single:
             out = out[0]
         return out.numpy() if convert_to_numpy else out
 
-    def _plan(self, items: list[EmbedInput], batch_size: int, tokens: Sequence[int]) -> Iterable[list[int]]:
-        """Text rows sorted by length; image rows grouped by image (features reused), the images ordered by their
-        number of visual tokens (`tokens`, from `check_inputs`), so that the rows of a batch pad little."""
+    def _plan(self, items: list[EmbedInput], batch_size: int, row_ids: Sequence[list[int]]) -> Iterable[list[int]]:
+        """Text rows sorted by length; image rows grouped by image (features reused), the images ordered by the
+        length of their first row (its visual tokens, mostly), so that the rows of a batch pad little."""
         text = [i for i, it in enumerate(items) if not it.has_image]
-        text.sort(key=lambda i: -len(items[i].text or ""))
+        text.sort(key=lambda i: -len(row_ids[i]))
         first_seen: dict[Any, int] = {}
         image = [i for i, it in enumerate(items) if it.has_image]
         for i in image:
             first_seen.setdefault(items[i].image_identity(), i)
-        image.sort(key=lambda i: (-tokens[first_seen[items[i].image_identity()]],
+        image.sort(key=lambda i: (-len(row_ids[first_seen[items[i].image_identity()]]),
                                   first_seen[items[i].image_identity()], i))
         for group in (text, image):
             for start in range(0, len(group), batch_size):
@@ -453,12 +469,10 @@ class VirtueModel(nn.Module):
     def visual_tokens_for_size(self, size_wh: tuple[int, int], image_resize: tuple[int, int] | None = None) -> int:
         """Visual tokens (after the 2x2 merge) of an image of `size_wh` (width, height, as displayed), after the
         official pre-resizes and Qwen2-VL's `smart_resize`; ImageError for an aspect ratio it cannot resize."""
-        from virtue.processing.images import MIN_SIDE, SMALL_IMAGE_SIZE
+        from virtue.processing.images import prepared_size
         from virtue.processing.qwen import smart_resize
 
-        w, h = image_resize or size_wh
-        if min(w, h) < MIN_SIDE:
-            w, h = SMALL_IMAGE_SIZE
+        w, h = prepared_size(size_wh, image_resize)
         h, w = smart_resize(h, w, self.config.image_processing)
         return h * w // self.config.image_processing.factor ** 2
 
@@ -469,17 +483,18 @@ class VirtueModel(nn.Module):
         image_resize: tuple[int, int] | None = None,
         max_length: int | None = None,
         truncate: bool = False,
-    ) -> list[int]:
+    ) -> list[list[int]]:
         """Check every input before any compute: its image readable (a file's header only, once per image) and
         not above the pixel limit, its prompt inside the image (as displayed, when EXIF rotates it), its length.
         Raises one error naming every bad input (its type when all problems share one, else `InputError`).
-        Returns each input's number of visual tokens (0 for a text)."""
+        Returns each input's token ids as the model reads them (the image placeholder expanded, cut when
+        `truncate`)."""
         from virtue.processing.images import load_image
 
         proc = self.processor
         problems: list[InputError] = []
         sizes: dict[Any, tuple[int, int]] = {}  # image identity -> size: k prompts on one photo, one header
-        tokens = [0] * len(items)
+        row_ids: list[list[int]] = [[] for _ in items]
         for i, item in enumerate(items):
             where = f"input {i}"
             try:
@@ -495,8 +510,8 @@ class VirtueModel(nn.Module):
                             size = self._checked_size(item, where)
                         sizes[item.image_identity()] = size
                     proc._check_prompt(item, size, where)
-                    visual = tokens[i] = self.visual_tokens_for_size(size, image_resize)
-                proc.row_ids(item, where, visual, max_length=max_length, truncate=truncate)
+                    visual = self.visual_tokens_for_size(size, image_resize)
+                row_ids[i] = proc.row_ids(item, where, visual, max_length=max_length, truncate=truncate)
             except InputError as exc:
                 problems.append(exc)
         if len(problems) == 1:
@@ -505,7 +520,7 @@ class VirtueModel(nn.Module):
             kinds = {type(p) for p in problems}
             kind = kinds.pop() if len(kinds) == 1 else InputError
             raise kind(f"{len(problems)} bad inputs: " + "; ".join(str(p) for p in problems))
-        return tokens
+        return row_ids
 
     def _checked_size(self, item: EmbedInput, where: str) -> tuple[int, int]:
         """(width, height) as the model will see it, from the header alone; ImageError naming `where` if the image
@@ -514,7 +529,7 @@ class VirtueModel(nn.Module):
 
         from virtue.errors import ImageError
         from virtue.processing.batch import LoadedImage
-        from virtue.processing.images import header_size
+        from virtue.processing.images import check_pixels, header_size
 
         image = item.image
         if isinstance(image, LoadedImage):
@@ -522,10 +537,7 @@ class VirtueModel(nn.Module):
         if not isinstance(image, (str, Path, Image.Image)):
             raise ImageError(f"{where}: expected a path, PIL image or numpy array, got {type(image).__name__}")
         size = header_size(image, where, self.processor.exif_transpose(item))
-        limit = self.processor.max_image_pixels
-        if limit is not None and size[0] * size[1] > limit:
-            raise ImageError(f"{where}: image of {size[0]}x{size[1]} = {size[0] * size[1]:,} pixels exceeds the "
-                             f"limit of {limit:,} (max_image_pixels)")
+        check_pixels(size, self.processor.max_image_pixels, where)
         if size[0] == 0 or size[1] == 0:
             raise ImageError(f"{where}: image is empty ({size[0]}x{size[1]})")
         return size

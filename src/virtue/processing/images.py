@@ -35,14 +35,14 @@ def load_image(image, where: str = "image", *, max_pixels: int | None = MAX_IMAG
     """
     if isinstance(image, Image.Image):
         img = image
-        _check_pixels(img.size, max_pixels, where)
+        check_pixels(img.size, max_pixels, where)
     elif isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file():
             raise ImageError(f"{where}: file not found: {path}")
         try:
             with Image.open(path) as opened:
-                _check_pixels(opened.size, max_pixels, where)
+                check_pixels(opened.size, max_pixels, where)
                 opened.load()
                 img = opened.copy()
         except ImageError:
@@ -51,7 +51,7 @@ def load_image(image, where: str = "image", *, max_pixels: int | None = MAX_IMAG
             raise ImageError(f"{where}: cannot read {path} as an image ({type(exc).__name__}: {exc})") from exc
     elif isinstance(image, np.ndarray):
         img = _from_array(image, where)
-        _check_pixels(img.size, max_pixels, where)
+        check_pixels(img.size, max_pixels, where)
     else:
         raise ImageError(f"{where}: expected a path, PIL image or numpy array, got {type(image).__name__}")
     if img.width == 0 or img.height == 0:
@@ -64,7 +64,8 @@ def load_image(image, where: str = "image", *, max_pixels: int | None = MAX_IMAG
     return img
 
 
-def _check_pixels(size_wh: tuple[int, int], max_pixels: int | None, where: str) -> None:
+def check_pixels(size_wh: tuple[int, int], max_pixels: int | None, where: str) -> None:
+    """ImageError naming `where` when width x height is above `max_pixels` (None: no limit)."""
     w, h = size_wh
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(f"{where}: image of {w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} "
@@ -135,6 +136,12 @@ def prepare_image(img: Image.Image, resize_to: tuple[int, int] | None = None, wh
     if min(img.size) < MIN_SIDE:
         img = img.resize(SMALL_IMAGE_SIZE)
     return to_rgb(img, where)
+
+
+def prepared_size(size_wh: tuple[int, int], resize_to: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(W, H) of what `prepare_image` makes of an image of `size_wh`, without the image."""
+    w, h = resize_to or size_wh
+    return SMALL_IMAGE_SIZE if min(w, h) < MIN_SIDE else (w, h)
 
 
 def image_digest(img: Image.Image) -> str:

@@ -17,6 +17,7 @@ from torch import nn
 
 from virtue.config import quiet_transformers
 from virtue.errors import ConfigError
+from virtue.eval.embed_cache import hash_tensors
 from virtue.model.embedder import VirtueModel
 from virtue.train.adapters import apply_trainable
 from virtue.train.config import TrainConfig
@@ -27,7 +28,11 @@ FLOAT32_MODULES = ("sam", "connector")
 
 
 def dtype_of(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+    """The torch dtype named in the config (`model.dtype`, `output.export_dtype`: validated there)."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"unknown dtype {name!r}; expected float32 or bfloat16")
+    return dtype
 
 
 def build_model(cfg: TrainConfig, *, allow_hub: bool = True) -> VirtueModel:
@@ -56,8 +61,7 @@ def build_model(cfg: TrainConfig, *, allow_hub: bool = True) -> VirtueModel:
         tokenizer = AutoTokenizer.from_pretrained(section.tokenizer)
     torch.manual_seed(cfg.seed)  # the random initialisation is part of the run
     model = VirtueModel(build(**section.preset_args), tokenizer)
-    for p in model.qwen.parameters():  # weights only: buffers (RoPE frequencies) stay float32, as from_base's
-        p.data = p.data.to(dtype)
+    model.cast_weights(dtype, keep)
     return model
 
 
@@ -92,12 +96,8 @@ def frozen_fingerprint(model: nn.Module) -> str:
     only what trains, so the rest must be rebuilt bit-for-bit from the config; this proves it was."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict(keep_vars=True).items()):
-        if name in trainable:
-            continue
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    state = sorted(model.state_dict(keep_vars=True).items())
+    hash_tensors(h, ((name, t) for name, t in state if name not in trainable))
     return h.hexdigest()
 
 

@@ -125,7 +125,7 @@ from typing import Any
 
 import numpy as np
 
-from virtue.errors import ConfigError, DataError, InputError
+from virtue.errors import ConfigError, DataError, InputError, PromptError
 from virtue.inputs import EmbedInput, as_stored, parse_input
 from virtue.processing.text import DATASET_IMAGE_TOKEN, IMAGE_TOKEN, scar_train_query_text
 from virtue.prompts import Box, VisualPrompt
@@ -786,9 +786,11 @@ def _jsonl_side(value: Any, column: str, context: _Context, checks: list[Deferre
     except InputError as exc:
         raise _BadValue(column, str(exc).removeprefix("input 0: ")) from None
     box = side.prompt.box if side.prompt is not None else None
-    if box is not None and (box.x2 <= box.x1 or box.y2 <= box.y1):  # needs no image: checked now
-        shown = "[" + ", ".join(f"{v:g}" for v in box.xyxy) + "]"
-        raise _BadValue(f"{column}.box", f"zero-area box [x1, y1, x2, y2] = {shown}")
+    if box is not None:
+        try:
+            box.check_shape()  # needs no image: checked now
+        except PromptError as exc:
+            raise _BadValue(f"{column}.box", str(exc)) from None
     if side.image is not None:
         image = Path(side.image)
         checks.append(DeferredCheck(f"{column}.image", image))

@@ -114,8 +114,9 @@ class PreparedBatches(Dataset):
     def __getitem__(self, key: tuple[int, str, tuple[int, ...]]) -> PreparedStep:
         step, subset, indices = key
         examples, replaced = [], []
+        done: dict = {}  # images decoded in this step, by identity: an image shared by rows is decoded once
         for index in indices:
-            example, bad = self._good_example(subset, index)
+            example, bad = self._good_example(subset, index, done)
             examples.append(example)
             replaced.extend(bad)
         batch = ContrastiveBatch(
@@ -125,7 +126,7 @@ class PreparedBatches(Dataset):
         )
         return PreparedStep(step, subset, batch, replaced)
 
-    def _good_example(self, subset: str, index: int) -> tuple[TrainExample, list[BadRow]]:
+    def _good_example(self, subset: str, index: int, done: dict) -> tuple[TrainExample, list[BadRow]]:
         examples = self.subsets[subset][0]
         bad_rows: list[BadRow] = []
         known = self.known_bad.setdefault(subset, set())
@@ -133,7 +134,7 @@ class PreparedBatches(Dataset):
             i = (index + attempt) % len(examples)
             if i in known:
                 continue
-            bad, prepared = self._prepare(examples[i])
+            bad, prepared = self._prepare(examples[i], done)
             if bad is None:
                 return prepared, bad_rows
             known.add(i)
@@ -144,7 +145,7 @@ class PreparedBatches(Dataset):
         raise DataError(f"subset {subset!r}: no usable row found near index {index} after "
                         f"{min(MAX_REPLACEMENTS, len(examples))} tries; check image_root and the data files")
 
-    def _prepare(self, example: TrainExample) -> tuple[BadRow | None, TrainExample]:
+    def _prepare(self, example: TrainExample, done: dict) -> tuple[BadRow | None, TrainExample]:
         from virtue.train.data import ImageHeaders, run_deferred_checks
 
         if example.deferred:
@@ -155,7 +156,6 @@ class PreparedBatches(Dataset):
                 return bad, example
         if self.processor is None:
             return None, example
-        done: dict = {}
         try:
             sides = [self.processor.preprocess(x, f"{example.row_id} {name}", done=done)
                      for name, x in _sides(example, self.hard_negatives)]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from virtue.errors import ConfigError
+from virtue.eval.distributed import join_process_group, local_device
 from virtue.model.embedder import VirtueModel
 from virtue.model.feature_cache import FeatureCache
 from virtue.train.build import absolute_model_section, build_model, dtype_of, frozen_fingerprint, prepare_for_training
@@ -64,14 +64,10 @@ class Processes:
 
 def _distributed() -> Processes:
     """torchrun's environment -> this process's rank, the world size and its device (cuda:LOCAL_RANK)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = local_device()
+    if device.type == "cuda":
         torch.cuda.set_device(device)  # before any CUDA work: NCCL and every .cuda() use this device
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    join_process_group(device)
     if dist.is_initialized():
         return Processes(dist.get_rank(), dist.get_world_size(), device)
     return Processes(0, 1, device)
