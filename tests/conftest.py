@@ -39,7 +39,7 @@ def official_model(_official_model):
 
 @pytest.fixture(scope="session")
 def converted_dir(fixture_dir, tmp_path_factory) -> Path:
-    from virtue.checkpoints.convert import convert_checkpoint
+    from virtue.model.convert import convert_checkpoint
 
     return convert_checkpoint(fixture_dir / "checkpoint", tmp_path_factory.mktemp("converted") / "m", allow_hub=False)
 

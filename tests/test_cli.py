@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
 from virtue.cli.main import main
 
@@ -58,3 +61,38 @@ def test_convert_command(fixture_dir, tmp_path, capsys):
     assert main(["convert", str(fixture_dir / "checkpoint"), str(tmp_path / "out"), "--no-hub"]) == 0
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "virtue"
+
+
+HEAVY = ("torch", "transformers", "peft", "safetensors", "fastapi", "gradio", "lancedb", "ray", "pyarrow",
+         "matplotlib", "sentence_transformers", "mteb", "tqdm")
+
+
+def test_help_and_version_start_without_the_model_stack():
+    """`virtue --help`, every `virtue <command> --help` and `virtue --version` parse arguments only: none of the
+    heavy packages is imported (they took 10-20 s to import before any argument was read)."""
+    code = f"""
+import contextlib, io, sys
+from virtue.cli.main import build_parser, main
+names = sorted(next(a for a in build_parser()._actions if a.dest == "command").choices)
+for argv in [["--help"], ["--version"], *[[name, "--help"] for name in names]]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            main(argv)
+        except SystemExit as stop:
+            assert stop.code == 0, (argv, stop.code)
+    assert out.getvalue().strip(), argv
+print(len(names), sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r})))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    count, heavy = done.stdout.strip().split(" ", 1)
+    assert int(count) >= 11 and heavy == "[]", done.stdout
+
+
+def test_version(capsys):
+    from virtue import __version__
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"virtue {__version__}"

@@ -17,15 +17,15 @@ from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
 from tests.conftest import FIXTURE, MINI_SCAR
+from virtue.apps.data_fetch import unpack
 from virtue.cli.main import main
 from virtue.errors import DataError
-from virtue.hub_data import unpack
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220), "grey": (120, 120, 120)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# A fake hub: one folder per repository, in the repositories' own layouts (virtue.hub_data's docstring)
+# A fake hub: one folder per repository, in the repositories' own layouts (virtue.apps.data_fetch's docstring)
 
 
 class FakeHub:

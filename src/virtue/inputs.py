@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from virtue.errors import ImageError, InputError, PromptError
-from virtue.processing.images import load_image
+from virtue.images import load_image
 from virtue.prompts import Box, Mask, MaskLogits, Points, VisualPrompt
 
 DICT_KEYS = ("image", "text", "box", "bbox", "points", "point", "labels", "mask", "mask_logits")

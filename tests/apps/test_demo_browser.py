@@ -48,13 +48,14 @@ class _CountingEncode:
         monkeypatch.setattr(model, "encode", self)
 
     def __call__(self, inputs, **kwargs):
-        if isinstance(inputs, list):
-            self.images += sum(isinstance(x, Path) for x in inputs)
+        if isinstance(inputs, list):  # a path, or an encode() dict with one (the search index's rows)
+            self.images += sum(isinstance(x, Path) or (isinstance(x, dict) and "image" in x) for x in inputs)
         return self._encode(inputs, **kwargs)
 
 
 def test_gallery_cache_hit_and_invalidation(tiny_model, gallery, tmp_path, monkeypatch):
     from virtue.apps.demo import build_gallery_index, fingerprint_of
+    from virtue.search import open_index
 
     cache = tmp_path / "cache"
     fp = fingerprint_of(tiny_model)
@@ -64,13 +65,13 @@ def test_gallery_cache_hit_and_invalidation(tiny_model, gallery, tmp_path, monke
     assert (first.embedded, first.reused, counter.images) == (4, 0, 4)
     assert [p.name for p in first.paths] == [p.name for p in IMAGES[:4]]
     np.testing.assert_allclose(first.embeddings, counter._encode(list(first.paths)), atol=1e-5)
-    assert (first.cache_dir / "manifest.json").is_file() and (first.cache_dir / "embeddings.npz").is_file()
-    stamp = (first.cache_dir / "embeddings.npz").stat().st_mtime_ns
+    assert open_index(first.cache_dir).count("image") == 4 and open_index(first.cache_dir).count("region") == 0
+    stamp = open_index(first.cache_dir).table.version
 
     second = build_gallery_index(tiny_model, gallery, cache_dir=cache, show_progress=False)  # fingerprint again
     assert (second.embedded, second.reused, counter.images) == (0, 4, 4)
     np.testing.assert_array_equal(second.embeddings, first.embeddings)
-    assert (first.cache_dir / "embeddings.npz").stat().st_mtime_ns == stamp  # a hit rewrites nothing
+    assert open_index(first.cache_dir).table.version == stamp  # a hit rewrites nothing
 
     # Changed content: only that file is embedded again.
     changed = gallery / IMAGES[1].name

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import copy
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -236,6 +237,57 @@ def test_bad_requests_raise_the_clients_errors(tiny_model, fixture_images):
             np.testing.assert_allclose(np.array([r.json()["data"][0]["embedding"]]), expected, atol=ATOL)
 
 
+class CountingTokenizer:
+    """The model's tokenizer with its tokenising calls recorded (copies record into the same list); every other
+    attribute is the tokenizer's own. Not the code under test."""
+
+    COUNTED = frozenset({"encode", "encode_plus", "batch_encode_plus", "tokenize"})
+
+    def __init__(self, tokenizer, calls: list):
+        self._tokenizer, self.calls = tokenizer, calls
+
+    def __call__(self, text, *args, **kwargs):
+        self.calls.append(text)
+        return self._tokenizer(text, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._tokenizer, name)
+        if name not in self.COUNTED:
+            return value
+
+        def counted(text, *args, **kwargs):
+            self.calls.append(text)
+            return value(text, *args, **kwargs)
+
+        return counted
+
+    def __deepcopy__(self, memo):  # a private copy of the tokenizer would still be counted
+        return CountingTokenizer(copy.deepcopy(self._tokenizer, memo), self.calls)
+
+
+def test_each_input_is_tokenised_once(tiny_model, fixture_images, llm_tokens, monkeypatch):
+    # The request's check tokenises each input (for usage) and `encode` reuses those ids: one call per input.
+    png = fixture_images["rocket.png"].read_bytes()  # 240 x 160
+    texts = ["a rocket on a launch pad", "a cup of coffee", "two words", "a somewhat longer fourth text"]
+    region = {"image": decoded(png), "box": [20, 10, 200, 150], "text": INSTRUCTION}
+    expected = tiny_model.encode([*texts, region])
+    tokens = llm_tokens(tiny_model, [*texts, region])
+    items = [*texts, {"image": data_url(png), "box": [20, 10, 200, 150], "text": INSTRUCTION}]
+    calls: list = []
+    monkeypatch.setattr(tiny_model.processor, "tokenizer", CountingTokenizer(tiny_model.processor.tokenizer, calls))
+    with running(create_app(tiny_model, ServeConfig(model_name=NAME))) as url, client(url) as http:
+        r = http.post("/v1/embeddings", json={"model": NAME, "input": items})
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array([d["embedding"] for d in r.json()["data"]]), expected, atol=ATOL)
+        assert r.json()["usage"]["prompt_tokens"] == tokens
+        assert len(calls) == len(items) and set(texts) <= set(calls), calls
+        calls.clear()
+        r = http.post("/embed", json={"inputs": items})  # the same door
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(np.array(r.json()["embeddings"]), expected, atol=ATOL)
+        assert len(calls) == len(items), calls
+
+
 class GatedModel(WrappedModel):
     """The gated model (see `WrappedModel`) that breaks, not with an input error, on the text "boom" (a
     stand-in for a bug or a device failure)."""
@@ -261,7 +313,7 @@ def test_full_queue_answers_503_and_failures_500_in_openai_shape(tiny_model):
                 assert time.monotonic() < deadline, what
                 time.sleep(0.01)
 
-        assert one(0).status_code == 200  # the first request also copies the tokenizer (for usage)
+        assert one(0).status_code == 200  # served once before the queue is filled
         # With the model held, at most one request is encoding and one waits; the others are refused.
         gated.gate.clear()
         with ThreadPoolExecutor(6) as pool:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from virtue import CheckpointError, CompatConfig, PromptError, VirtueModel
-from virtue.checkpoints.convert import convert_checkpoint
+from virtue.model.convert import convert_checkpoint
 
 
 def inputs(fixture_images) -> list:
@@ -55,3 +55,19 @@ def test_model_without_sam_branch(tokenizer, fixture_images):
     assert model.encode({"image": fixture_images["rocket.png"], "text": "hi"}).shape == (32,)
     with pytest.raises(PromptError, match="no SAM branch"):
         model.encode({"image": fixture_images["rocket.png"], "box": [1, 1, 20, 20]})
+
+
+def test_sentence_transformers_files_are_an_explicit_choice(tiny_model, fixture_images, tmp_path):
+    """Every library save writes the ST files unless asked not to (what `SentenceTransformer.save` asks, as it
+    writes its own); the weights and config are the same either way."""
+    from virtue.checkpoints.st_files import MODULE_CONFIG_FILE, MODULES_FILE, NORMALIZE_DIR, ST_CONFIG_FILE
+
+    tiny_model.save_pretrained(tmp_path / "with")
+    tiny_model.save_pretrained(tmp_path / "without", sentence_transformers_files=False)
+    for name in (MODULES_FILE, ST_CONFIG_FILE, MODULE_CONFIG_FILE, f"{NORMALIZE_DIR}/config.json"):
+        assert (tmp_path / "with" / name).is_file(), name
+        assert not (tmp_path / "without" / name).exists(), name
+    expected = tiny_model.encode(inputs(fixture_images))
+    for folder in ("with", "without"):
+        loaded = VirtueModel.from_pretrained(tmp_path / folder, allow_hub=False)
+        np.testing.assert_allclose(loaded.encode(inputs(fixture_images)), expected, atol=1e-6)

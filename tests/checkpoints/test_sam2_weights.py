@@ -19,16 +19,18 @@ _REPO = Path(__file__).resolve().parents[2]
 if importlib.util.find_spec("virtue") is None:  # not installed: use the source tree
     sys.path.insert(0, str(_REPO / "src"))
 
-from virtue.checkpoints.sam2_weights import (  # noqa: E402
+from virtue.checkpoints.sam2_config import (  # noqa: E402
     B_PLUS_META_CONFIG,
+    sam2_config_from_meta,
+    sam2_config_from_meta_yaml,
+)
+from virtue.checkpoints.sam2_keys import (  # noqa: E402
     build_sam2_model,
     load_sam2_meta,
     load_sam2_transformers,
-    resolve_sam2_weights,
-    sam2_config_from_meta,
-    sam2_config_from_meta_yaml,
     sam2_state_dict_from_meta,
 )
+from virtue.checkpoints.sam2_weights import resolve_sam2_weights  # noqa: E402
 from virtue.errors import ConfigError, MissingSamWeightsError, WeightMismatchError  # noqa: E402
 
 FIXTURE = Path(os.environ.get("VIRTUE_PARITY_FIXTURE", _REPO.parent / "shared/fixtures/virtue-official-tiny"))

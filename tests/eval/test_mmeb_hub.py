@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from virtue.cli.main import main
+from virtue.data.layouts import mmeb_image_root, mmeb_task_files
 from virtue.errors import ConfigError
-from virtue.eval.mmeb_layout import mmeb_image_root, mmeb_task_files
 from virtue.eval.runner import EvalConfig, available_tasks
 
 COLOURS = {"red": (220, 20, 20), "green": (20, 200, 20), "blue": (20, 20, 220)}

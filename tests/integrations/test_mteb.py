@@ -25,8 +25,8 @@ from tests.conftest import MINI_SCAR  # noqa: E402
 from virtue.eval.datasets import load_mmeb_eval, load_scar_eval  # noqa: E402
 from virtue.eval.metrics import rank_of_positive  # noqa: E402
 from virtue.eval.runner import EvalConfig, run_eval  # noqa: E402
+from virtue.images import load_image  # noqa: E402
 from virtue.integrations.mteb import VirtueMtebModel, task_family  # noqa: E402
-from virtue.processing.images import load_image  # noqa: E402
 
 TIE_EPS = 1e-4  # a positive within this of another candidate's score is a tie (the paths agree to ~1e-6)
 # Both harnesses squash the photos first (the official evaluation's 1344x1344 pre-resize, smaller: a fast test).

@@ -5,6 +5,7 @@ Nothing here reaches the network: the hub is switched off and every socket conne
 
 from __future__ import annotations
 
+import importlib
 import json
 import socket
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors import safe_open
 
 from tests.conftest import FIXTURE
 from virtue import EmbedInput, InputError, PromptError, VirtueModel, mmeb_query_text, scar_query_text
+from virtue.checkpoints.st_files import MODULE_TYPE
 from virtue.errors import ConfigError
 from virtue.integrations.sentence_transformers import PROMPTS, VirtueModule, apply_prompt, as_sentence_transformer
 from virtue.processing.text import SCAR_INSTRUCTION
@@ -112,6 +114,13 @@ def test_saved_folder_is_a_sentence_transformer(tiny, st_model):
     assert st_model.prompts["query"] == SCAR_INSTRUCTION
     # The library layout is untouched: virtue still reads the folder.
     assert VirtueModel.from_pretrained(path, allow_hub=False).config == tiny[0].config
+
+
+def test_saved_module_type_names_this_module_class():
+    """The checkpoint layer writes the module class as a string (it does not import the integration): that string
+    must name the class that loads the folder."""
+    module, _, name = MODULE_TYPE.rpartition(".")
+    assert getattr(importlib.import_module(module), name) is VirtueModule
 
 
 def test_loading_needs_trust_remote_code(tiny):

@@ -71,5 +71,6 @@ def test_images_ordered_by_visual_tokens(tiny_model):
     pictures = {name: Image.new("RGB", size, (90, 10, 10)) for name, size in sizes.items()}
     items = [parse_input({"image": pictures[name], "text": f"row {i}"})
              for i, name in enumerate(["small", "large", "medium", "small", "large", "medium"])]
-    order = [i for batch in tiny_model._plan(items, 2, tiny_model.check_inputs(items)) for i in batch]
+    proc = tiny_model.processor
+    order = [i for batch in proc.plan_batches(proc.check_inputs(items), 2) for i in batch]
     assert order == [1, 4, 2, 5, 0, 3]  # largest first, each image's rows together, ties in input order

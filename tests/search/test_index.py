@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -68,6 +69,53 @@ def test_reindex_is_incremental(tiny_model, photos, tmp_path):
     row, vector = by_path[changed.relative_to(photos).as_posix()]
     assert row["sha256"] == hashlib.sha256(changed.read_bytes()).hexdigest()
     np.testing.assert_allclose(vector, tiny_model.encode({"image": changed}), atol=1e-5)
+
+
+def test_renamed_or_copied_image_reuses_the_stored_vector(tiny_model, photos, tmp_path):
+    db = tmp_path / "db"
+    index_directory(tiny_model, photos, db)
+    before = {r["path"]: v for r, v in zip(*stored(db), strict=True)}
+    counter = EncodeCounter(tiny_model)
+    first, second, third, fourth = image_paths(photos)[:4]
+    (photos / first).rename(photos / "renamed.jpg")
+    shutil.copyfile(photos / second, photos / "sub" / "copy.jpg")
+    shutil.copyfile(photos / fourth, photos / third)  # changed bytes, which another stored image has
+    stats = index_directory(tiny_model, photos, db)
+    assert (stats.added, stats.updated, stats.unchanged, stats.removed) == (2, 1, 4, 1)
+    assert (stats.reused, stats.embedded, counter.rows) == (3, 0, 0)
+    assert stats.to_dict()["reused"] == 3 and "0 vectors embedded, 3 reused" in stats.summary()
+    rows, vectors = stored(db)
+    assert sorted(r["path"] for r in rows) == image_paths(photos)
+    after = {r["path"]: (r, v) for r, v in zip(rows, vectors, strict=True)}
+    for path, source in (("renamed.jpg", first), ("sub/copy.jpg", second), (third, fourth)):
+        row, vector = after[path]
+        np.testing.assert_array_equal(vector, before[source])
+        file = photos / path
+        assert (row["size"], row["mtime_ns"]) == (file.stat().st_size, file.stat().st_mtime_ns)
+        assert row["sha256"] == hashlib.sha256(file.read_bytes()).hexdigest()
+    np.testing.assert_allclose(after["renamed.jpg"][1], tiny_model.encode({"image": photos / "renamed.jpg"}),
+                               atol=1e-5)
+    # A region on a copy is embedded (regions are keyed by their line), its image row is not.
+    write_regions(photos, [{"image": "sub/copy.jpg", "box": [5, 5, 40, 40]}])
+    shutil.copyfile(photos / second, photos / "copy2.jpg")
+    counter.rows = 0
+    stats = index_directory(tiny_model, photos, db)
+    assert (stats.added, stats.reused, stats.regions_added, stats.embedded, counter.rows) == (1, 1, 1, 1, 1)
+
+
+def test_an_image_that_cannot_be_decoded_is_skipped_and_reported(tiny_model, photos, tmp_path):
+    # The header reads (so the file is planned), the pixels do not: the model refuses it while embedding.
+    data = (photos / image_paths(photos)[0]).read_bytes()
+    (photos / "truncated.jpg").write_bytes(data[: len(data) // 3])
+    (photos / "noise.jpg").write_bytes(b"not a jpeg")  # refused from its header
+    stats = index_directory(tiny_model, photos, tmp_path / "db", batch_size=4)
+    assert (stats.added, stats.skipped, stats.embedded) == (6, 2, 6)
+    assert sorted(s.split(": ")[0] for s in stats.skipped_files) == [str(photos / "noise.jpg"),
+                                                                      str(photos / "truncated.jpg")]
+    assert "skipped_files" not in stats.to_dict()
+    rows, _ = stored(tmp_path / "db")
+    bad = ("noise.jpg", "truncated.jpg")
+    assert sorted(r["path"] for r in rows) == [p for p in image_paths(photos) if p not in bad]
 
 
 def test_regions_sidecar(tiny_model, photos, tmp_path):

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tests.train.test_data import BAD_SCAR_ROWS, _image, _jsonl, _parquet, _scar_row
-from virtue.rows import BadRow, MaskFile, PolygonMask
+from virtue.data.rows import BadRow, MaskFile, PolygonMask
 from virtue.train.data import DataSource, ImageHeaders, Subset, load_source, run_deferred_checks
 
 POLYGON = [[10, 20, 40, 20, 40, 60, 10, 60]]

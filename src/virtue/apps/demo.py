@@ -1,8 +1,9 @@
 """`virtue demo`: a Gradio page to prompt a region of a photo and search a gallery (or captions) with it.
 
 Three layers, so most of it is testable without a browser or Gradio:
-- the gallery index (`build_gallery_index`): embeddings computed once, cached on disk as an npz plus a JSON
-  manifest of (path, size, mtime, sha256) and the model fingerprint; only new or changed files are embedded;
+- the gallery index (`virtue.apps.demo_gallery.build_gallery_index`): embeddings computed once, cached on disk
+  in a `virtue.search` index of the folder (keyed by folder and model fingerprint); only new or changed files
+  are embedded;
 - `DemoBackend`: query embedding, ranking, and the SAM2 mask overlay that shows what the model looks at;
 - `build_demo`: the Gradio UI wiring (Gradio is imported there only).
 
@@ -12,36 +13,49 @@ imported inside a function; the handlers are closures in `build_demo`, so their 
 """
 
 import hashlib
-import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
 
+from virtue.apps.demo_gallery import GalleryIndex, build_gallery_index, fingerprint_of
 from virtue.errors import InputError
+from virtue.images import load_image, to_rgb
 from virtue.inputs import EmbedInput
 from virtue.model.embedder import VirtueModel
 from virtue.model.mask_preview import SamImageFeatures, predict_mask, sam_image_features
-from virtue.processing.images import load_image, to_rgb
 from virtue.prompts import Box, Mask, Points, VisualPrompt
 
 if TYPE_CHECKING:
     import gradio as gr
 
+__all__ = [
+    "CAPTION_INSTRUCTION",
+    "CLICK_MODES",
+    "MODE_BOX",
+    "MODE_NEGATIVE",
+    "MODE_POSITIVE",
+    "ClickPrompt",
+    "DemoBackend",
+    "GalleryIndex",
+    "SearchResult",
+    "build_demo",
+    "build_gallery_index",
+    "draw_prompt",
+    "fingerprint_of",
+    "mask_from_editor",
+    "render_overlay",
+]
+
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-CACHE_FORMAT = 1
 # The official SCaR query instruction: without one, a caption ranking would compare an image embedding
 # ("Represent the given image.") with captions, which is not the task the checkpoints were trained on.
 CAPTION_INSTRUCTION = "Find the caption that best describes the segmented object."
@@ -56,198 +70,6 @@ POSITIVE_RGB = (40, 220, 60)
 NEGATIVE_RGB = (235, 40, 40)
 BOX_RGB = (255, 200, 0)
 THUMBNAIL_SIDE = 512
-
-
-# ----------------------------------------------------------------------------- gallery index and cache
-def list_gallery(gallery_dir: str | Path) -> list[Path]:
-    """Image files under `gallery_dir` (recursive, sorted); hidden files and folders are skipped."""
-    root = Path(gallery_dir)
-    if not root.is_dir():
-        raise InputError(f"gallery: not a directory: {root}")
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "virtue" / "demo"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fingerprint_of(model: VirtueModel) -> str:
-    """The evaluation cache's model fingerprint (config + every weight), so a changed model never hits."""
-    from virtue.eval.embed_cache import model_fingerprint
-
-    return model_fingerprint(model, json.dumps(model.config.to_dict(), sort_keys=True))
-
-
-@dataclass
-class GalleryIndex:
-    """Gallery images and their embeddings, row i for paths[i]."""
-
-    root: Path
-    paths: list[Path]
-    embeddings: np.ndarray  # float32 [N, D], L2-normalised
-    cache_dir: Path
-    reused: int = 0  # rows served from the cache
-    embedded: int = 0  # rows computed by this build
-    skipped: list[str] = field(default_factory=list)  # unreadable files, with the reason
-
-    def top_k(self, query: np.ndarray, k: int) -> list[tuple[Path, float]]:
-        scores = self.embeddings @ np.asarray(query, np.float32)
-        order = np.argsort(-scores, kind="stable")[:k]
-        return [(self.paths[i], float(scores[i])) for i in order]
-
-
-def _cache_folder(cache_dir: Path, root: Path, fingerprint: str) -> Path:
-    # One folder per (gallery, model): several galleries or models do not evict each other.
-    where = hashlib.sha256(str(root).encode()).hexdigest()[:12]
-    return cache_dir / f"gallery-{where}-{fingerprint[:12]}"
-
-
-def _read_cache(folder: Path, settings: dict) -> tuple[dict[str, dict], np.ndarray | None]:
-    """(relative path -> manifest entry, embeddings), or nothing when absent, stale or unreadable."""
-    manifest_path, npz_path = folder / "manifest.json", folder / "embeddings.npz"
-    if not (manifest_path.is_file() and npz_path.is_file()):
-        return {}, None
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        with np.load(npz_path) as data:
-            vectors = np.asarray(data["embeddings"], np.float32)
-    except (OSError, ValueError, KeyError) as exc:
-        logger.warning("gallery cache %s is unreadable (%s); rebuilding it", folder, exc)
-        return {}, None
-    entries = manifest.get("entries", [])
-    if manifest.get("settings") != settings or len(entries) != len(vectors):
-        return {}, None
-    return {e["path"]: e for e in entries}, vectors
-
-
-def _atomic_write(path: Path, write) -> None:
-    # Write then rename, so a crash mid-write leaves the previous cache, never a torn file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _write_cache(folder: Path, settings: dict, entries: list[dict], vectors: np.ndarray) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def write_npz(tmp: Path) -> None:
-        with tmp.open("wb") as f:
-            np.savez(f, embeddings=vectors.astype(np.float32))
-
-    _atomic_write(folder / "embeddings.npz", write_npz)
-    # The manifest is written last: it is what declares the npz valid (row counts are checked on read).
-    manifest = {"format": CACHE_FORMAT, "settings": settings, "entries": entries}
-    _atomic_write(folder / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
-
-
-def _embed_files(
-    model: VirtueModel, paths: list[Path], batch_size: int, show_progress: bool
-) -> tuple[dict[int, np.ndarray], list[str]]:
-    """Embeddings of `paths` by position; unreadable files are skipped (and reported), not fatal."""
-    out: dict[int, np.ndarray] = {}
-    skipped: list[str] = []
-    chunk = max(batch_size, 1) * 4  # several batches per encode call keeps the bar moving on big galleries
-    with tqdm(total=len(paths), desc="Embedding gallery", unit="img", disable=not show_progress) as bar:
-        for start in range(0, len(paths), chunk):
-            part = list(range(start, min(start + chunk, len(paths))))
-            try:
-                vecs = model.encode([paths[i] for i in part], batch_size=batch_size, show_progress_bar=False)
-                out.update({i: vecs[n] for n, i in enumerate(part)})
-            except InputError:
-                # One bad file must not cost the whole chunk: retry one by one to isolate it.
-                for i in part:
-                    try:
-                        out[i] = model.encode([paths[i]], show_progress_bar=False)[0]
-                    except InputError as exc:
-                        logger.warning("gallery: skipping %s: %s", paths[i], exc)
-                        skipped.append(f"{paths[i]}: {exc}")
-            bar.update(len(part))
-    return out, skipped
-
-
-def build_gallery_index(
-    model: VirtueModel,
-    gallery_dir: str | Path,
-    *,
-    cache_dir: str | Path | None = None,
-    batch_size: int = 8,
-    show_progress: bool = True,
-    fingerprint: str | None = None,
-) -> GalleryIndex:
-    """Embed every image under `gallery_dir`, reusing the on-disk cache for files that did not change.
-
-    A file is unchanged when its size and mtime match the manifest (then its recorded sha256 is trusted),
-    or when its content hash matches a cached row (a touched or renamed file is not re-embedded). The cache
-    is keyed by the model fingerprint and the gallery folder; files removed from the folder leave it.
-
-    Args:
-        cache_dir: where the cache lives (default `$XDG_CACHE_HOME/virtue/demo`).
-        fingerprint: `fingerprint_of(model)`, if already computed (it hashes every weight).
-    Raises:
-        InputError: the folder does not exist or holds no readable image.
-    """
-    root = Path(gallery_dir).resolve()
-    paths = list_gallery(root)
-    if not paths:
-        raise InputError(f"gallery: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}")
-    fingerprint = fingerprint or fingerprint_of(model)
-    cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    folder = _cache_folder(cache_root, root, fingerprint)
-    # Everything a stored vector depends on besides the file itself: a mismatch discards the whole cache.
-    settings = {"format": CACHE_FORMAT, "model": fingerprint, "gallery": str(root), "text": None, "resize": None}
-    old_entries, old_vectors = _read_cache(folder, settings)
-    row_of_sha = {e["sha256"]: n for n, e in enumerate(old_entries.values())}
-
-    entries: list[dict] = []
-    vectors: dict[int, np.ndarray] = {}
-    todo: list[int] = []
-    for i, path in enumerate(paths):
-        rel = path.relative_to(root).as_posix()
-        stat = path.stat()
-        old = old_entries.get(rel)
-        if old is not None and old["size"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns:
-            sha = old["sha256"]
-        else:
-            sha = file_sha256(path)
-        entries.append({"path": rel, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha})
-        row = row_of_sha.get(sha)
-        if row is not None and old_vectors is not None:
-            vectors[i] = old_vectors[row]
-        else:
-            todo.append(i)
-    reused = len(vectors)
-    computed, skipped = _embed_files(model, [paths[i] for i in todo], batch_size, show_progress)
-    vectors.update({todo[n]: v for n, v in computed.items()})
-
-    keep = [i for i in range(len(paths)) if i in vectors]
-    if not keep:
-        raise InputError(f"gallery: none of the {len(paths)} images in {root} could be read")
-    kept_entries = [entries[i] for i in keep]
-    matrix = np.stack([vectors[i] for i in keep]).astype(np.float32)
-    # Rewrite only when something changed (new rows, removed files, new stats), so a hit touches nothing.
-    if computed or kept_entries != list(old_entries.values()):
-        _write_cache(folder, settings, kept_entries, matrix)
-    logger.info("gallery: %d images, %d from the cache, %d embedded", len(keep), reused, len(computed))
-    return GalleryIndex(root, [paths[i] for i in keep], matrix, folder, reused, len(computed), skipped)
 
 
 # ----------------------------------------------------------------------------- prompts and drawing
@@ -504,14 +326,73 @@ def build_demo(
     )
     n_results = max(len(backend.gallery.paths) if backend.gallery else 0, len(backend.captions))
     max_k = max(1, min(50, n_results))
+    with gr.Blocks(title="VIRTUE demo") as demo:
+        gr.Markdown(HELP)
+        ui: dict[str, Any] = {"original": gr.State(None), "clicks": gr.State(ClickPrompt())}
+        with gr.Row():
+            with gr.Column(scale=1):
+                ui.update(_query_column(gr, max_k, top_k))
+            with gr.Column(scale=1):
+                ui.update(_result_column(gr, backend))
+        _wire(ui, _handlers(gr, backend))
+    demo.backend = backend  # for callers and tests: the index, captions and search without the page
+    return demo
+
+
+def _query_column(gr: Any, max_k: int, top_k: int) -> dict[str, Any]:
+    """The left column's components: the query image, click mode, mask painter, instruction and buttons."""
+    ui: dict[str, Any] = {}
+    ui["query"] = gr.Image(
+        label="Query image (click to add a prompt)", type="numpy", image_mode="RGB", format="png",
+        sources=["upload", "clipboard"], elem_id="query-image",
+    )
+    ui["mode"] = gr.Radio(list(CLICK_MODES), value=MODE_POSITIVE, label="A click adds", elem_id="click-mode")
+    with gr.Accordion("Paint a mask (optional)", open=False):
+        ui["painter"] = gr.ImageEditor(
+            label="Paint over the region", type="numpy", sources=(), layers=False, transforms=(),
+            brush=gr.Brush(colors=["#ff3030"], color_mode="fixed"), format="png", elem_id="mask-painter",
+        )
+    ui["instruction"] = gr.Textbox(
+        label="Instruction (optional)", lines=1, elem_id="instruction",
+        placeholder="e.g. Find the caption that best describes the segmented object.",
+    )
+    ui["k_slider"] = gr.Slider(1, max_k, value=min(top_k, max_k), step=1, label="Results to show")
+    with gr.Row():
+        ui["search_btn"] = gr.Button("Search", variant="primary", elem_id="search-button")
+        ui["clear_btn"] = gr.Button("Clear prompt", elem_id="clear-prompt")
+    ui["prompt_info"] = gr.Markdown("No image.", elem_id="prompt-info")
+    return ui
+
+
+def _result_column(gr: Any, backend: DemoBackend) -> dict[str, Any]:
+    """The right column's components: the mask overlay, the status line, gallery and caption results."""
+    return {
+        "overlay": gr.Image(
+            label="What SAM2 looks at: its mask for this prompt" if backend.has_sam else "Query",
+            type="numpy", format="png", interactive=False, elem_id="mask-overlay",
+        ),
+        "status": gr.Markdown("", elem_id="search-status"),
+        "results": gr.Gallery(
+            label="Gallery matches (score · file)", columns=4, object_fit="contain", height="auto",
+            elem_id="results-gallery", visible=backend.gallery is not None,
+        ),
+        "caption_table": gr.Dataframe(
+            headers=["rank", "score", "caption"], label="Caption matches", interactive=False,
+            elem_id="caption-results", visible=bool(backend.captions), wrap=True,
+        ),
+    }
+
+
+def _handlers(gr: Any, backend: DemoBackend) -> dict[str, Any]:
+    """The page's event handlers. Defined here, with `gr` an object, so their annotations are objects too:
+    Gradio finds the `gr.SelectData` parameter of `on_click` through them (see the module docstring)."""
 
     def editor_value(image: np.ndarray | None) -> dict | None:
         return None if image is None else {"background": image, "layers": [], "composite": image}
 
     def on_upload(image: np.ndarray | None):
-        clicks = ClickPrompt()
         info = "Image loaded: click on it to add a prompt, or Search with the whole image."
-        return image, clicks, editor_value(image), None, info
+        return image, ClickPrompt(), editor_value(image), None, info
 
     def on_clear():
         return None, ClickPrompt(), None, None, "No image."
@@ -523,9 +404,8 @@ def build_demo(
         return draw_prompt(original, clicks), clicks, f"Prompt: {clicks.describe()}"
 
     def on_clear_prompt(original: np.ndarray | None):
-        clicks = ClickPrompt()
         info = "Prompt cleared." if original is not None else "No image."
-        return original, clicks, editor_value(original), info
+        return original, ClickPrompt(), editor_value(original), info
 
     def on_search(original: np.ndarray | None, clicks: ClickPrompt, painted: Any, instruction: str, k: float):
         try:
@@ -540,54 +420,20 @@ def build_demo(
         rows = [[r + 1, round(s, 4), c] for r, (c, s) in enumerate(result.captions)]
         return result.overlay, items, rows, result.summary()
 
-    with gr.Blocks(title="VIRTUE demo") as demo:
-        gr.Markdown(HELP)
-        original = gr.State(None)
-        clicks = gr.State(ClickPrompt())
-        with gr.Row():
-            with gr.Column(scale=1):
-                query = gr.Image(
-                    label="Query image (click to add a prompt)", type="numpy", image_mode="RGB", format="png",
-                    sources=["upload", "clipboard"], elem_id="query-image",
-                )
-                mode = gr.Radio(list(CLICK_MODES), value=MODE_POSITIVE, label="A click adds", elem_id="click-mode")
-                with gr.Accordion("Paint a mask (optional)", open=False):
-                    painter = gr.ImageEditor(
-                        label="Paint over the region", type="numpy", sources=(), layers=False, transforms=(),
-                        brush=gr.Brush(colors=["#ff3030"], color_mode="fixed"), format="png", elem_id="mask-painter",
-                    )
-                instruction = gr.Textbox(
-                    label="Instruction (optional)", lines=1, elem_id="instruction",
-                    placeholder="e.g. Find the caption that best describes the segmented object.",
-                )
-                k_slider = gr.Slider(1, max_k, value=min(top_k, max_k), step=1, label="Results to show")
-                with gr.Row():
-                    search_btn = gr.Button("Search", variant="primary", elem_id="search-button")
-                    clear_btn = gr.Button("Clear prompt", elem_id="clear-prompt")
-                prompt_info = gr.Markdown("No image.", elem_id="prompt-info")
-            with gr.Column(scale=1):
-                overlay = gr.Image(
-                    label="What SAM2 looks at: its mask for this prompt" if backend.has_sam else "Query",
-                    type="numpy", format="png", interactive=False, elem_id="mask-overlay",
-                )
-                status = gr.Markdown("", elem_id="search-status")
-                results = gr.Gallery(
-                    label="Gallery matches (score · file)", columns=4, object_fit="contain", height="auto",
-                    elem_id="results-gallery", visible=backend.gallery is not None,
-                )
-                caption_table = gr.Dataframe(
-                    headers=["rank", "score", "caption"], label="Caption matches", interactive=False,
-                    elem_id="caption-results", visible=bool(backend.captions), wrap=True,
-                )
+    return {"upload": on_upload, "clear": on_clear, "click": on_click, "clear_prompt": on_clear_prompt,
+            "search": on_search}
 
-        reset_outputs = [original, clicks, painter, overlay, prompt_info]
-        query.upload(on_upload, inputs=[query], outputs=reset_outputs)
-        query.clear(on_clear, outputs=reset_outputs)
-        query.select(on_click, inputs=[mode, original, clicks], outputs=[query, clicks, prompt_info])
-        clear_btn.click(on_clear_prompt, inputs=[original], outputs=[query, clicks, painter, prompt_info])
-        search_inputs = [original, clicks, painter, instruction, k_slider]
-        search_outputs = [overlay, results, caption_table, status]
-        search_btn.click(on_search, inputs=search_inputs, outputs=search_outputs)
-        instruction.submit(on_search, inputs=search_inputs, outputs=search_outputs)
-    demo.backend = backend  # for callers and tests: the index, captions and search without the page
-    return demo
+
+def _wire(ui: dict[str, Any], on: dict[str, Any]) -> None:
+    """Connect the components' events to the handlers."""
+    query, original, clicks = ui["query"], ui["original"], ui["clicks"]
+    reset_outputs = [original, clicks, ui["painter"], ui["overlay"], ui["prompt_info"]]
+    query.upload(on["upload"], inputs=[query], outputs=reset_outputs)
+    query.clear(on["clear"], outputs=reset_outputs)
+    query.select(on["click"], inputs=[ui["mode"], original, clicks], outputs=[query, clicks, ui["prompt_info"]])
+    ui["clear_btn"].click(on["clear_prompt"], inputs=[original],
+                          outputs=[query, clicks, ui["painter"], ui["prompt_info"]])
+    search_inputs = [original, clicks, ui["painter"], ui["instruction"], ui["k_slider"]]
+    search_outputs = [ui["overlay"], ui["results"], ui["caption_table"], ui["status"]]
+    ui["search_btn"].click(on["search"], inputs=search_inputs, outputs=search_outputs)
+    ui["instruction"].submit(on["search"], inputs=search_inputs, outputs=search_outputs)

@@ -20,8 +20,9 @@ here:
 * `usage.prompt_tokens` (= `total_tokens`) counts what the language model reads for each input: the tokens
   of its text as the model formats it (the image placeholder and the default instruction of an image
   included) with the placeholder expanded to the image's visual tokens, plus the segmentation tokens of the
-  SAM2 branch for every image input. Counted with a private copy of the model's tokenizer, off the model's
-  thread; 0 for a model without a tokenizer.
+  SAM2 branch for every image input (`VirtueProcessor.sequence_length`). They are the token ids of the
+  request's check by the model's processor, which `encode` then reuses: each input is tokenised once. 0 for a
+  model without a processor.
 * The limits, validation and batching queue are those of `POST /embed` (the same code): 413 for too many
   items, oversized bodies, images or texts, 422 for malformed input (the message names the input, `param` the
   field, e.g. `input[1].box`), 503 with `Retry-After` when the queue is full. Every error under `/v1`, also
@@ -32,39 +33,28 @@ here:
 from __future__ import annotations
 
 import base64
-import copy
-import json
-import logging
-import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from virtue.apps.batching import BatcherClosedError, EmbedBatcher, QueueFullError, ServeConfig
-from virtue.apps.server import (
-    ApiError,
-    EmbedItem,
-    _add_component_schemas,
-    _input_error,
-    _prepare_json,
-    _refuse_if_busy,
-    _validation_error,
-    busy_error,
-    upright_photos,
+from virtue.apps.batching import EmbedBatcher, ServeConfig
+from virtue.apps.http_errors import refuse_if_busy, validation_error
+from virtue.apps.http_inputs import EmbedItem, add_component_schemas, prepare_items
+from virtue.apps.openai_errors import (
+    OpenAIError,
+    OpenAIErrorBody,
+    OpenAIErrorResponse,
+    OpenAIErrorShape,
+    body_error,
+    openai_route_class,
 )
-from virtue.errors import ImageError, InputError
 from virtue.inputs import EmbedInput
-from virtue.processing.batch import VirtueProcessor
-from virtue.processing.images import header_size
 
 __all__ = [
     "PREFIX",
@@ -76,15 +66,13 @@ __all__ = [
     "OpenAIError",
     "OpenAIErrorBody",
     "OpenAIErrorResponse",
-    "TokenCounter",
     "Usage",
     "add_openai_routes",
+    "prompt_tokens",
 ]
 
-logger = logging.getLogger(__name__)
 
 PREFIX = "/v1"
-REQUEST_FIELDS = ("input", "model", "encoding_format", "dimensions", "user")
 TOKEN_IDS_REFUSED = (
     "token ids are not accepted: they would be ids of another tokenizer than this model's. Send the text itself, "
     "`input` as a string or a list of strings (LangChain's OpenAIEmbeddings sends token ids unless "
@@ -156,192 +144,12 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class OpenAIErrorBody(BaseModel):
-    message: str = Field(..., examples=["input 1: box [10, 10, 100, 30] lies outside the 60x40 image"])
-    type: str = Field(..., examples=["invalid_request_error"])
-    param: str | None = Field(None, examples=["input[1]"])
-    code: str | None = Field(None, examples=["invalid_prompt"])
-
-
-class OpenAIErrorResponse(BaseModel):
-    """Every error under /v1, in OpenAI's shape."""
-
-    error: OpenAIErrorBody
-
-
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": OpenAIErrorResponse, "description": "unknown model name (`model_not_found`) or route"},
     413: {"model": OpenAIErrorResponse, "description": "a size limit was exceeded (body, image, items, text)"},
     422: {"model": OpenAIErrorResponse, "description": "malformed input; the message names the input"},
     503: {"model": OpenAIErrorResponse, "description": "server busy (queue full); retry after `Retry-After` s"},
 }
-
-
-# --------------------------------------------------------------------------------------------------- errors
-def error_type(status: int) -> str:
-    """OpenAI's `type` for a status code."""
-    if status == 401:
-        return "authentication_error"
-    if status == 403:
-        return "permission_error"
-    if status == 429:
-        return "rate_limit_error"
-    return "server_error" if status >= 500 else "invalid_request_error"
-
-
-class OpenAIError(Exception):
-    """A refused /v1 request, answered as `{"error": {"message", "type", "param", "code"}}`."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        type: str | None = None,  # noqa: A002 - OpenAI's field name
-        headers: Mapping[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or error_type(status)
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def _param(index: int | None, field: str | None) -> str | None:
-    """`input[3].box` for a field of an item, `input[3]` for the item, the field alone for the request."""
-    if index is not None:
-        return f"input[{index}]" + (f".{field}" if field else "")
-    return "input" if field == "inputs" else field
-
-
-def _from_api_error(exc: ApiError) -> OpenAIError:
-    return OpenAIError(exc.status, exc.message, param=_param(exc.index, exc.field), code=exc.code,
-                       headers=exc.headers)
-
-
-def _body_error(errors: Sequence[Any]) -> OpenAIError:
-    """pydantic errors of the request body -> one 422 naming the parameter(s), without echoing the values."""
-    parts: list[str] = []
-    first: str | None = None
-    code = "invalid_request"
-    for err in errors:
-        loc = [p for p in err.get("loc", ()) if p != "body"]
-        param = ".".join(str(p) for p in loc) or None
-        first = first or param
-        if err.get("type") == "json_invalid":
-            code = "invalid_json"
-            parts.append(f"request body: invalid JSON ({err.get('ctx', {}).get('error', err.get('msg'))})")
-        elif err.get("type") == "extra_forbidden":
-            parts.append(f"{param}: unknown parameter; accepted: {', '.join(REQUEST_FIELDS)}")
-        else:
-            parts.append(f"{param or 'request body'}: {err.get('msg')}")
-    if len(parts) > 5:
-        parts = [*parts[:5], f"... and {len(parts) - 5} more"]
-    return OpenAIError(422, "; ".join(parts), param=first, code=code)
-
-
-def to_openai_error(exc: Exception, config: ServeConfig) -> OpenAIError:
-    """Whatever a /v1 route raised -> the OpenAI-shaped answer (a bug: 500, logged)."""
-    if isinstance(exc, OpenAIError):
-        return exc
-    if isinstance(exc, ApiError):
-        return _from_api_error(exc)
-    if isinstance(exc, InputError):  # also what the model raised for one request's item
-        return _from_api_error(_input_error(exc))
-    if isinstance(exc, RequestValidationError):
-        return _body_error(exc.errors())
-    if isinstance(exc, (QueueFullError, BatcherClosedError)):
-        return _from_api_error(busy_error(exc, config))
-    logger.error("/v1 request failed", exc_info=exc)
-    return OpenAIError(500, f"internal error ({type(exc).__name__}); see the server's log", code="internal_error")
-
-
-def _openai_route_class(config: ServeConfig) -> type[APIRoute]:
-    class OpenAIRoute(APIRoute):
-        """Answers every exception of its endpoint in OpenAI's error shape (before the app's handlers)."""
-
-        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-            handler = super().get_route_handler()
-
-            async def route(request: Request) -> Response:
-                try:
-                    return await handler(request)
-                except Exception as exc:
-                    return to_openai_error(exc, config).response()
-
-            return route
-
-    return OpenAIRoute
-
-
-class _OpenAIErrorShape:
-    """ASGI middleware: error answers under /v1 that no /v1 endpoint wrote (the body-size limit, unknown routes,
-    wrong methods) are rewritten into OpenAI's shape; answers already in that shape pass untouched."""
-
-    def __init__(self, app: ASGIApp, prefix: str = PREFIX):
-        self.app, self.prefix = app, prefix
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" else ""
-        if not (path == self.prefix or path.startswith(self.prefix + "/")):
-            await self.app(scope, receive, send)
-            return
-        start: Message | None = None
-        chunks: list[bytes] = []
-
-        async def send_shaped(message: Message) -> None:
-            nonlocal start
-            if message["type"] == "http.response.start" and message["status"] >= 400:
-                start = message
-                return
-            if message["type"] != "http.response.body" or start is None:
-                await send(message)
-                return
-            chunks.append(message.get("body", b""))
-            if message.get("more_body", False):
-                return
-            body = b"".join(chunks)
-            headers = list(start.get("headers", []))
-            shaped = _shape_error(start["status"], body, scope.get("method", ""), path)
-            if shaped is not None:
-                body = shaped
-                drop = (b"content-length", b"content-type")
-                headers = [(k, v) for k, v in headers if k.lower() not in drop]
-                headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send({**start, "headers": headers})
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-
-        await self.app(scope, receive, send_shaped)
-
-
-def _shape_error(status: int, body: bytes, method: str, path: str) -> bytes | None:
-    """An error body -> OpenAI's shape, or None when it is in that shape already."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = None
-    if isinstance(data, dict) and isinstance(data.get("error"), dict) and "message" in data["error"]:
-        return None
-    param = code = None
-    if isinstance(data, dict) and isinstance(data.get("error"), str) and "detail" in data:  # the server's ErrorBody
-        message, code = str(data["detail"]), data["error"]
-        param = _param(data.get("input"), data.get("field"))
-    elif isinstance(data, dict) and "detail" in data:  # Starlette's HTTPException
-        message = f"{method} {path}: {data['detail']}"
-        if status in (404, 405):
-            code = "not_found" if status == 404 else "method_not_allowed"
-            message += f"; the OpenAI-compatible routes are POST {PREFIX}/embeddings and GET {PREFIX}/models"
-    else:
-        message = body.decode("utf-8", "replace").strip() or f"HTTP {status}"
-    error = OpenAIError(status, message, param=param, code=code)
-    return json.dumps(error.body()).encode()
 
 
 # --------------------------------------------------------------------------------------------------- input
@@ -383,7 +191,7 @@ def parse_openai_input(value: Any, config: ServeConfig) -> list[EmbedItem | str]
             try:
                 items.append(EmbedItem.model_validate(v))
             except ValidationError as exc:
-                raise _validation_error(exc.errors(), ("inputs", i)) from None
+                raise validation_error(exc.errors(), ("inputs", i)) from None
         elif _is_token_id(v) or _is_token_ids(v):
             raise OpenAIError(422, f"input {i}: {TOKEN_IDS_REFUSED}", param=f"input[{i}]",
                               code="token_ids_not_supported")
@@ -394,44 +202,13 @@ def parse_openai_input(value: Any, config: ServeConfig) -> list[EmbedItem | str]
 
 
 # --------------------------------------------------------------------------------------------------- usage
-class TokenCounter:
-    """Tokens the language model reads for each input, as `VirtueModel` builds its rows: the row's token ids
-    (`VirtueProcessor.row_ids`: formatted text, the image placeholder expanded to the image's visual tokens, from
-    its size as displayed) plus the SAM2 branch's segmentation tokens for an image input. Counted with a private
-    processor over a copy of the model's tokenizer (made on first use), never shared with the model's thread.
-    """
-
-    def __init__(self, model: Any):
-        self._model = model
-        self._source = getattr(getattr(model, "processor", None), "tokenizer", None)
-        sam = getattr(getattr(model, "config", None), "sam", None)
-        has_sam = getattr(model, "sam", None) is not None and bool(getattr(sam, "enabled", False))
-        self._segmentation_tokens = int(sam.num_tokens) if has_sam else 0
-        self._processor: Any = None
-        self._lock = threading.Lock()
-
-    def count(self, items: Sequence[EmbedInput]) -> list[int]:
-        """Token counts of validated items (images decoded); raises `InputError` naming the input for an image
-        the model cannot resize (aspect ratio) or a row longer than the model reads."""
-        if self._source is None:
-            return [0] * len(items)
-        with self._lock:
-            if self._processor is None:
-                self._processor = VirtueProcessor(self._model.config, copy.deepcopy(self._source))
-            counts = []
-            for i, item in enumerate(items):
-                where = f"input {i}"
-                visual = self._visual_tokens(item, where) if item.has_image else None
-                extra = self._segmentation_tokens if item.has_image else 0
-                counts.append(len(self._processor.row_ids(item, where, visual)) + extra)
-        return counts
-
-    def _visual_tokens(self, item: EmbedInput, where: str) -> int:
-        size = header_size(item.image, where, self._processor.exif_transpose(item))
-        try:
-            return self._model.visual_tokens_for_size(size)
-        except ImageError as exc:
-            raise ImageError(f"{where}: {exc}") from None
+def prompt_tokens(model: Any, checked: Sequence[EmbedInput]) -> int:
+    """Tokens the language model reads for these checked inputs (`http_inputs.check_items`): their token ids
+    plus the SAM2 branch's segmentation tokens of each image input; 0 for a model without a processor."""
+    processor = getattr(model, "processor", None)
+    if processor is None or not hasattr(processor, "sequence_length"):
+        return 0
+    return sum(processor.sequence_length(item) for item in checked)
 
 
 # --------------------------------------------------------------------------------------------------- routes
@@ -443,61 +220,65 @@ def _encoded(row: np.ndarray, encoding_format: str) -> list[float] | str:
 
 def add_openai_routes(app: FastAPI, model: Any, batcher: EmbedBatcher, config: ServeConfig) -> None:
     """Mount the /v1 routes on the app of `create_app`, sharing its queue, limits and input checks."""
+    router = APIRouter(prefix=PREFIX, tags=["OpenAI-compatible"], route_class=openai_route_class(config))
+    _add_embeddings_route(router, model, batcher, config)
+    _add_model_routes(router, ModelCard(id=config.model_name, created=int(time.time()), owned_by="virtue"))
+    app.include_router(router)
+    app.add_middleware(OpenAIErrorShape, prefix=PREFIX)
+    add_component_schemas(app, [EmbeddingsRequest])
+
+
+def _check_model(requested: str, served: str, param: str | None) -> None:
+    if requested != served:
+        raise OpenAIError(404, f"The model `{requested}` does not exist: this server serves `{served}` "
+                          f"(GET {PREFIX}/models)", param=param, code="model_not_found")
+
+
+def _check_dimensions(served: str, requested: int | None, actual: int | None) -> None:
+    if requested is not None and actual is not None and requested != actual:
+        raise OpenAIError(422, f"dimensions: {served} embeds in {actual} dimensions; {requested} cannot be "
+                          "served (the embeddings are not trained to be shortened)", param="dimensions",
+                          code="invalid_dimensions")
+
+
+_EMBEDDINGS_DESCRIPTION = (
+    "OpenAI's embeddings request and response. `input`: a string or a list of strings and objects "
+    "`{\"image\": \"data:image/png;base64,...\", \"text\", \"box\", \"points\", \"labels\", \"mask\"}` (images and "
+    "visual prompts, as the items of `POST /embed`). Token ids are refused. `model` must be the served name; "
+    "`dimensions` only the model's size."
+)
+_EMBEDDINGS_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingsRequest"}}}}}
+
+
+def _add_embeddings_route(router: APIRouter, model: Any, batcher: EmbedBatcher, config: ServeConfig) -> None:
     name = config.model_name
     dim = getattr(getattr(model, "config", None), "hidden_size", None)
-    created = int(time.time())
-    counter = TokenCounter(model)
-    upright = upright_photos(model)
-    router = APIRouter(prefix=PREFIX, tags=["OpenAI-compatible"], route_class=_openai_route_class(config))
 
-    def check_model(requested: str, param: str | None) -> None:
-        if requested != name:
-            raise OpenAIError(404, f"The model `{requested}` does not exist: this server serves `{name}` "
-                              f"(GET {PREFIX}/models)", param=param, code="model_not_found")
-
-    def check_dimensions(requested: int | None, actual: int | None) -> None:
-        if requested is not None and actual is not None and requested != actual:
-            raise OpenAIError(422, f"dimensions: {name} embeds in {actual} dimensions; {requested} cannot be "
-                              "served (the embeddings are not trained to be shortened)", param="dimensions",
-                              code="invalid_dimensions")
-
-    def prepare(items: list[EmbedItem | str]) -> tuple[list[EmbedInput], list[int]]:
-        inputs = _prepare_json(items, config, upright)  # decoding and every check of POST /embed
-        return inputs, counter.count(inputs)
-
-    @router.post(
-        "/embeddings",
-        response_model=EmbeddingsResponse,
-        responses=_ERRORS,
-        summary="OpenAI-compatible embeddings (texts, images, image regions)",
-        description="OpenAI's embeddings request and response. `input`: a string or a list of strings and "
-        "objects `{\"image\": \"data:image/png;base64,...\", \"text\", \"box\", \"points\", \"labels\", \"mask\"}`"
-        " (images and visual prompts, as the items of `POST /embed`). Token ids are refused. `model` must be "
-        "the served name; `dimensions` only the model's size.",
-        openapi_extra={"requestBody": {"required": True, "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingsRequest"}}}}},
-    )
+    @router.post("/embeddings", response_model=EmbeddingsResponse, responses=_ERRORS,
+                 summary="OpenAI-compatible embeddings (texts, images, image regions)",
+                 description=_EMBEDDINGS_DESCRIPTION, openapi_extra=_EMBEDDINGS_BODY)
     async def embeddings(request: Request) -> JSONResponse:
         try:
             body = EmbeddingsRequest.model_validate_json(await request.body())
         except ValidationError as exc:
-            raise _body_error(exc.errors()) from None
-        check_model(body.model, "model")
-        check_dimensions(body.dimensions, dim)
+            raise body_error(exc.errors()) from None
+        _check_model(body.model, name, "model")
+        _check_dimensions(name, body.dimensions, dim)
         items = parse_openai_input(body.input, config)
-        _refuse_if_busy(batcher, config)
-        # Base64, image decoding and tokenising take CPU time: off the event loop.
-        inputs, tokens = await run_in_threadpool(prepare, items)
+        refuse_if_busy(batcher, config)
+        # Base64, image decoding and tokenising (the checks of POST /embed) take CPU time: off the event loop.
+        inputs = await run_in_threadpool(prepare_items, items, config, model)
         rows = await batcher.submit(inputs)
-        check_dimensions(body.dimensions, int(rows.shape[1]))
+        _check_dimensions(name, body.dimensions, int(rows.shape[1]))
         data = [{"object": "embedding", "index": i, "embedding": _encoded(row, body.encoding_format)}
                 for i, row in enumerate(rows)]
-        total = sum(tokens)
+        total = prompt_tokens(model, inputs)
         return JSONResponse({"object": "list", "data": data, "model": name,
                              "usage": {"prompt_tokens": total, "total_tokens": total}})
 
-    card = ModelCard(id=name, created=created, owned_by="virtue")
 
+def _add_model_routes(router: APIRouter, card: ModelCard) -> None:
     @router.get("/models", response_model=ModelList, responses={404: _ERRORS[404]}, summary="the served model")
     async def models() -> ModelList:
         return ModelList(data=[card])
@@ -505,9 +286,5 @@ def add_openai_routes(app: FastAPI, model: Any, batcher: EmbedBatcher, config: S
     @router.get("/models/{model_id:path}", response_model=ModelCard, responses={404: _ERRORS[404]},
                 summary="the served model, by name")
     async def model_card(model_id: str) -> ModelCard:
-        check_model(model_id, None)
+        _check_model(model_id, card.id, None)
         return card
-
-    app.include_router(router)
-    app.add_middleware(_OpenAIErrorShape, prefix=PREFIX)
-    _add_component_schemas(app, [EmbeddingsRequest])

@@ -1,6 +1,7 @@
 """The official training starting point (virtue-spec §3, §4.3): a Qwen2-VL-Instruct model (2B or 7B), the frozen
 SAM2.1 weights, and a connector freshly initialised as the official code does (PyTorch's default init of
-`Conv2d(256, 256, 4, 4)` and `Linear-GELU-Linear`), seeded.
+`Conv2d(256, 256, 4, 4)` and `Linear-GELU-Linear`), seeded. This module reads the first two; the model makes the
+third (`VirtueModel.from_base`).
 
 A base folder is a plain transformers Qwen2-VL repository: `config.json` with `model_type: qwen2_vl` and no
 `virtue_sam` entry, weights as safetensors or `.bin` (sharded or not) in either key layout — the hub's
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from virtue.checkpoints.official import _image_processing, _qwen_state
+from virtue.checkpoints.official import image_processing_config, qwen_state
 from virtue.checkpoints.sam2_weights import resolve_sam2_weights
 from virtue.config import CompatConfig, SamBranchConfig, VirtueConfig, qwen_config
 from virtue.errors import CheckpointError
@@ -44,11 +45,11 @@ def read_base(
     *,
     sam_checkpoint: str | Path | None = None,
     allow_hub: bool = True,
-    seed: int = 0,
     compat: CompatConfig | None = None,
     points_per_side: int = OFFICIAL_SAM["points_per_side"],
 ) -> tuple[VirtueConfig, dict[str, torch.Tensor], str]:
-    """(config, full state dict with a seeded fresh connector, where SAM2 came from)."""
+    """(config, state dict of the Qwen2-VL and SAM2 weights, where SAM2 came from). The connector is not in it:
+    a fresh one is made by the model (`virtue.model.connector.seeded_connector_state`)."""
     if not is_qwen2vl_base(path):
         raise CheckpointError(
             f"{path}: not a Qwen2-VL base model (expected config.json with model_type 'qwen2_vl' and no "
@@ -64,21 +65,8 @@ def read_base(
         backbone=backbone,
         sam=SamBranchConfig(sam2=sam2_kwargs, points_per_side=points_per_side),
         compat=compat or CompatConfig.clean(),
-        image_processing=_image_processing(path),
+        image_processing=image_processing_config(path),
     )
-    state = _qwen_state(path, config)
-    state.update(fresh_connector_state(config, seed))
+    state = qwen_state(path, config)
     state.update({f"sam.model.{k}": v for k, v in sam_state.items()})
     return config, state, sam_source
-
-
-def fresh_connector_state(config: VirtueConfig, seed: int) -> dict[str, torch.Tensor]:
-    """The connector as the official code creates it (default init), from its own seeded generator so that the
-    result depends on `seed` alone, not on what else was drawn before."""
-    from virtue.model.connector import Connector
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with torch.device("cpu"):
-            connector = Connector(config.sam.dim, config.hidden_size, config.sam.reducer_kernel).float()
-    return {f"connector.{k}": v.detach() for k, v in connector.state_dict().items()}

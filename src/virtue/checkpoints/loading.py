@@ -64,6 +64,13 @@ def resolve_dir(name_or_path: str | Path, allow_hub: bool, allow_patterns: list[
         ) from exc
 
 
+def detect_layout(path: Path) -> str | None:
+    """"native" (the library layout), "official" (the released layout), or None for any other folder."""
+    if is_native(path):
+        return "native"
+    return "official" if is_official(path) else None
+
+
 def read_checkpoint(
     name_or_path: str | Path, *, sam_checkpoint: str | Path | None = None, allow_hub: bool = True
 ) -> Checkpoint:

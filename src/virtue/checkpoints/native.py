@@ -1,5 +1,5 @@
 """The library layout: one directory with config.json (a `VirtueConfig`), model.safetensors and the
-tokenizer files. Safetensors only. Saving also writes the sentence-transformers files (modules.json,
+tokenizer files. Safetensors only. Saving also writes the sentence-transformers files (`st_files`: modules.json,
 config_sentence_transformers.json, sentence_bert_config.json, 1_Normalize/config.json), so that the same folder loads
 with `SentenceTransformer(path, trust_remote_code=True)`; see `virtue.integrations.sentence_transformers`."""
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from virtue.checkpoints.st_files import write_sentence_transformers_files
 from virtue.config import VirtueConfig
 from virtue.errors import CheckpointError, WeightMismatchError
 
@@ -40,18 +41,34 @@ def read_native(path: Path) -> tuple[VirtueConfig, dict[str, torch.Tensor]]:
     return config, state
 
 
-def save_native(path: str | Path, config: VirtueConfig, state_dict: dict[str, torch.Tensor], tokenizer) -> None:
-    """Write the library layout to `path`, sentence-transformers files included (every saved or converted model is
-    an ST model too; needs no sentence-transformers installed)."""
+def check_new_destination(dst: Path) -> None:
+    """Refuse to write a model into `dst` if it exists and is not an empty directory."""
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise CheckpointError(f"{dst}: exists and is not empty; choose a new directory")
+
+
+def save_native(
+    path: str | Path,
+    config: VirtueConfig,
+    state_dict: dict[str, torch.Tensor],
+    tokenizer,
+    *,
+    sentence_transformers: bool = True,
+) -> None:
+    """Write the library layout to `path`.
+
+    sentence_transformers: also write the sentence-transformers files (`st_files`), so that every saved or
+        converted model is an ST model too (needs no sentence-transformers installed). False when
+        `SentenceTransformer.save` writes its own.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt", "library": "virtue"})
     config.save(path / CONFIG_FILE)
     tokenizer.save_pretrained(str(path))
-    from virtue.integrations.sentence_transformers import write_sentence_transformers_files
-
-    write_sentence_transformers_files(path)
+    if sentence_transformers:
+        write_sentence_transformers_files(path)
 
 
 def check_state_dict(expected: dict[str, torch.Tensor], given: dict[str, torch.Tensor], source: str) -> None:

@@ -78,15 +78,16 @@ def read_official(
         backbone=backbone,
         sam=SamBranchConfig(sam2=sam2_kwargs, points_per_side=int(sam_cfg.get("points_per_side", 3))),
         compat=CompatConfig.official(),
-        image_processing=_image_processing(path),
+        image_processing=image_processing_config(path),
     )
-    state = _qwen_state(path, config)
+    state = qwen_state(path, config)
     state.update(_connector_state(path / CONNECTOR_FILE))
     state.update({f"sam.model.{k}": v for k, v in sam_state.items()})
     return config, state, sam_source
 
 
-def _image_processing(path: Path) -> ImageProcessingConfig:
+def image_processing_config(path: Path) -> ImageProcessingConfig:
+    """Qwen2-VL's image settings from a folder's preprocessor_config.json, with the official pixel limits."""
     file = path / "preprocessor_config.json"
     data = json.loads(file.read_text()) if file.is_file() else {}
     return ImageProcessingConfig(
@@ -125,7 +126,9 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: cannot load tensors ({exc})") from exc
 
 
-def _qwen_state(path: Path, config: VirtueConfig) -> dict[str, torch.Tensor]:
+def qwen_state(path: Path, config: VirtueConfig) -> dict[str, torch.Tensor]:
+    """A folder's Qwen2-VL weights (any shard layout, either key naming) in this library's names; the unused LM
+    head is shape-checked and dropped."""
     state: dict[str, torch.Tensor] = {}
     text = config.backbone["text_config"]
     head_shape = (int(text["vocab_size"]), int(text["hidden_size"]))

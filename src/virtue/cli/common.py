@@ -1,28 +1,40 @@
-"""Options shared by the commands that load a model, and the prompt flags of `embed` / `similarity`."""
+"""Options shared by the commands that load a model, and the prompt flags of `embed` / `similarity`.
+
+Imports nothing heavy: every command's parser is built for `virtue --help`, so torch and the model are imported
+only inside the functions that run a command.
+"""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-import torch
+DTYPES = ("bfloat16", "float16", "float32")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a `--dtype` choice."""
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory or hub id (e.g. Sony/VIRTUE-2B-SCaR)")
     p.add_argument("--sam-checkpoint", help="SAM2.1 weights for official checkpoints (Meta .pt or HF folder)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on GPU, else float32")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="default: bfloat16 on GPU, else float32")
     p.add_argument("--no-hub", action="store_true", help="never download from the hub")
     p.add_argument("--batch-size", type=int, default=8)
 
 
 def load_model(args: argparse.Namespace):
-    from virtue import VirtueModel
+    import torch
+
+    from virtue.model.embedder import VirtueModel
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = torch_dtype(args.dtype) if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     return VirtueModel.from_pretrained(
         args.model, sam_checkpoint=args.sam_checkpoint, device=device, dtype=dtype, allow_hub=not args.no_hub
     )

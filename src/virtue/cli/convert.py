@@ -15,7 +15,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from virtue.checkpoints.convert import convert_checkpoint
+    from virtue.model.convert import convert_checkpoint
 
     dst = convert_checkpoint(args.src, args.dst, sam_checkpoint=args.sam_checkpoint, allow_hub=not args.no_hub)
     print(f"wrote {dst}")

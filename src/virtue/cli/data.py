@@ -1,6 +1,7 @@
 """`virtue data get DATASET DEST` and `virtue data check DATASET DEST`: the published datasets (SCaR-Eval, SCaR-Train,
 MMEB-train, MMEB-eval) downloaded in the hub's layout, which `virtue train` and `virtue eval` read as it is, and their
-images checked before a long run. The logic is `virtue.hub_data`; `check` exits with status 2 when an image is
+images checked before a long run. The logic is `virtue.apps.data_fetch` and `virtue.apps.data_check`, imported when
+the command runs (`virtue data --help` loads neither pyarrow nor tqdm); `check` exits with status 2 when an image is
 missing or unreadable."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from virtue.hub_data import KINDS
+from virtue.data.layouts import KINDS
 
 
 def register(sub) -> None:
@@ -46,7 +47,7 @@ def register(sub) -> None:
 
 
 def run_get(args: argparse.Namespace) -> int:
-    from virtue.hub_data import fetch
+    from virtue.apps.data_fetch import fetch
 
     fetch(args.dataset, args.dest, subsets=args.subsets, images=not args.no_images,
           unpack_archives=not args.no_unpack, revision=args.revision, repo_id=args.repo_id,
@@ -55,7 +56,7 @@ def run_get(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from virtue.hub_data import check
+    from virtue.apps.data_check import check
 
     report = check(args.dataset, args.dest, image_root=args.image_root, subsets=args.subsets, decode=args.decode,
                    hard_negatives=args.hard_negatives, limit=args.limit, workers=args.workers,

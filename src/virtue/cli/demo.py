@@ -16,7 +16,8 @@ def register(sub) -> None:
     p.add_argument("--captions", help="text file, one caption per line, to rank (text mode)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--cache-dir", help="gallery embedding cache (default: $XDG_CACHE_HOME/virtue/demo)")
+    p.add_argument("--cache-dir", help="gallery embedding cache, a search index per gallery and model "
+                   "(default: $XDG_CACHE_HOME/virtue/demo)")
     p.add_argument("--top-k", type=int, default=8, help="results shown by default")
     p.set_defaults(run=run)
 
@@ -38,6 +39,12 @@ def run(args: argparse.Namespace) -> int:
         import gradio  # noqa: F401  (checked first: loading a model only to fail here wastes minutes)
     except ImportError:
         raise SystemExit("virtue demo needs Gradio: pip install 'virtue[demo]' (or pip install gradio)") from None
+    if args.gallery:
+        try:
+            import lancedb  # noqa: F401  (the gallery's embeddings are kept in a search index)
+        except ImportError:
+            raise SystemExit("virtue demo --gallery needs LanceDB: pip install 'virtue[demo]' (or pip install "
+                             "lancedb)") from None
     from virtue.apps.demo import build_demo
 
     captions = read_captions(args.captions) if args.captions else None

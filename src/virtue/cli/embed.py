@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from virtue.cli.common import add_model_args, add_prompt_args, input_from_args, load_model
 
 
@@ -32,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args)
     vectors = model.encode(inputs, batch_size=args.batch_size)
     if args.output and args.output.endswith(".npy"):
+        import numpy as np
+
         np.save(args.output, vectors)
     else:
         text = json.dumps({"dim": int(vectors.shape[1]), "embeddings": vectors.round(7).tolist()})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from virtue.cli.common import DTYPES
+from virtue.cli.common import torch_dtype
 
 
 def register(sub) -> None:
@@ -20,12 +20,12 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from virtue import VirtueModel
-    from virtue.checkpoints.convert import check_new_destination
+    from virtue.checkpoints.native import check_new_destination
+    from virtue.model.embedder import VirtueModel
 
     dst = Path(args.dst)
     check_new_destination(dst)
-    dtype = DTYPES[args.dtype]
+    dtype = torch_dtype(args.dtype)
     model = VirtueModel.from_pretrained(args.checkpoint, dtype=dtype, allow_hub=not args.no_hub)
     model.save_pretrained(dst, dtype=dtype)
     print(f"wrote {dst}")

@@ -1,4 +1,8 @@
-"""`virtue` entry point: a table of subcommands; `main(argv)` returns an exit code."""
+"""`virtue` entry point: a table of subcommands; `main(argv)` returns an exit code.
+
+Every command module imports only argparse-level code at import time (heavy imports live inside its `run`), so
+`virtue --help`, `virtue <command> --help` and `virtue --version` start without torch or transformers.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from virtue import __version__
 from virtue.cli import convert, data, demo, embed, evaluate, export, index, search, serve, similarity, train
 from virtue.errors import VirtueError
 
@@ -15,6 +20,7 @@ COMMANDS = (embed, similarity, convert, train, export, evaluate, index, search, 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="virtue", description="VIRTUE visual-interactive embeddings")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"virtue {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(sub)

@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 from virtue.cli.common import add_model_args, add_prompt_args, input_from_args, load_model
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+from virtue.images import IMAGE_SUFFIXES
 
 
 def register(sub) -> None:

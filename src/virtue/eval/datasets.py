@@ -35,7 +35,7 @@ setting decides how they reach SAM's frame (virtue-spec §2.2, §10.2). `crop` d
 is loaded and keeps the crops in memory (about 18k for COCO-Stuff): use `limit` or one subset at a time; a box
 crossing the border is cropped as PIL crops it (the outside filled with black).
 
-MMEB-eval is read from one parquet file per task or from the hub layout (`eval.mmeb_layout`).
+MMEB-eval is read from one parquet file per task or from the hub layout (`virtue.data.layouts`).
 """
 
 from __future__ import annotations
@@ -50,17 +50,18 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from virtue.data.layouts import SCAR_SUBSETS, find_scar_files
+from virtue.data.parquet import iter_rows, open_parquet
+from virtue.data.rows import BadRow, ImageHeaders, PolygonMask, polygon_outside
+from virtue.data.rows import BadValue as _BadValue
+from virtue.data.rows import check_image_tokens as _checked_tokens
+from virtue.data.rows import check_prompt_part as _checked_prompt
 from virtue.errors import ConfigError, DataError
 from virtue.eval.table import EvalQuery, EvalTask, InputTable
 from virtue.inputs import EmbedInput
 from virtue.processing.text import DATASET_IMAGE_TOKEN, IMAGE_TOKEN, mmeb_candidate_text, mmeb_query_text
 from virtue.prompts import Box, Points, VisualPrompt
-from virtue.rows import BadRow, ImageHeaders, PolygonMask, polygon_outside
-from virtue.rows import BadValue as _BadValue
-from virtue.rows import check_image_tokens as _checked_tokens
-from virtue.rows import check_prompt_part as _checked_prompt
 
-SCAR_SUBSETS = ("ADE20K", "COCO_Stuff", "RefCOCO_plus", "RefCOCOg", "VisualGenome")
 SCAR_VARIANTS = ("box", "box_mask", "mask", "point", "no_box", "crop", "text_only", "box_text")
 # The variant that needs each optional column.
 _SCAR_VARIANT_COLUMNS = {"box_mask": "segmentation", "mask": "segmentation", "point": "point"}
@@ -87,7 +88,9 @@ MMEB_OPTIONAL_COLUMNS = ("qry_inst", "tgt_inst", "tgt_img_path")
 BBOX_PREFIX = "Referring object bbox: "
 SHOWN_BAD_ROWS = 5
 
-__all__ = ["EvalQuery", "EvalTask", "InputTable", "find_scar_files", "load_mmeb_eval", "load_scar_eval"]
+# SCAR_SUBSETS and find_scar_files are the layout's (`virtue.data.layouts`), importable here as before.
+__all__ = ["SCAR_SUBSETS", "EvalQuery", "EvalTask", "InputTable", "find_scar_files", "load_mmeb_eval",
+           "load_scar_eval"]
 
 
 class _Converted(NamedTuple):
@@ -207,47 +210,7 @@ def _string(value: Any, column: str, *, allow_empty: bool = False) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Files
-
-
-def _open_parquet(path: Path, required: Sequence[str], optional: Sequence[str]) -> tuple[Any, list[str]]:
-    """The parquet file and the columns to read; a missing required column is a `DataError` listing both sets."""
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise ConfigError(f"path: file not found: {path}")
-    try:
-        file = pq.ParquetFile(path)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read as parquet ({exc})") from exc
-    found = file.schema_arrow.names
-    missing = [c for c in required if c not in found]
-    if missing:
-        raise DataError(f"{path}: missing required column(s) {missing}; the file has {found}")
-    return file, [c for c in (*required, *optional) if c in found]
-
-
-class _Source(NamedTuple):
-    """One parquet file of a task, the columns to read and the prefix of its row ids."""
-
-    file: Any
-    columns: list[str]
-    label: str
-
-
-def _rows(sources: Sequence[_Source], limit: int | None) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(row id, row) over the files in turn; `limit` counts rows over all of them."""
-    count = 0
-    for source in sources:
-        index = 0
-        # Batches: with `limit`, a 17k-row subset is only read up to its first N rows.
-        for batch in source.file.iter_batches(256, columns=source.columns):
-            for row in batch.to_pylist():
-                if limit is not None and count >= limit:
-                    return
-                yield f"{source.label}:{index}", row
-                index += 1
-                count += 1
+# Rows -> task (the files are read by `virtue.data.parquet`)
 
 
 def _check_limit(limit: int | None) -> None:
@@ -291,30 +254,6 @@ def _load(
 # SCaR-Eval
 
 
-def find_scar_files(root: Path) -> dict[str, Path]:
-    """The SCaR-Eval files in `root`, keyed by the released stem (`SCaR_eval_RefCOCOg`), in `SCAR_SUBSETS` order.
-
-    Accepts the released names `SCaR_eval_<X>.parquet` and the official eval's renamed `SCAR_<X>_val_filtered.parquet`
-    (virtue-spec §5.3). Both names for one subset is an error: they could hold different versions.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise ConfigError(f"SCaR root: folder not found: {root}")
-    found: dict[str, Path] = {}
-    for subset in SCAR_SUBSETS:
-        names = (f"SCaR_eval_{subset}.parquet", f"SCAR_{subset}_val_filtered.parquet")
-        paths = [root / n for n in names if (root / n).is_file()]
-        if len(paths) > 1:
-            raise ConfigError(f"SCaR root {root}: both {names[0]} and {names[1]} exist; keep one")
-        if paths:
-            found[f"SCaR_eval_{subset}"] = paths[0]
-    if not found:
-        raise ConfigError(
-            f"SCaR root {root}: no SCaR_eval_<X>.parquet or SCAR_<X>_val_filtered.parquet, X in {SCAR_SUBSETS}"
-        )
-    return found
-
-
 def load_scar_eval(
     path: Path,
     image_root: Path,
@@ -341,14 +280,14 @@ def load_scar_eval(
         raise ConfigError(f"variant: expected one of {list(SCAR_VARIANTS)}, got {variant!r}")
     _check_limit(limit)
     path = Path(path)
-    file, columns = _open_parquet(path, SCAR_COLUMNS, SCAR_OPTIONAL_COLUMNS)
+    parquet = open_parquet(path, SCAR_COLUMNS, SCAR_OPTIONAL_COLUMNS)
     needed = _SCAR_VARIANT_COLUMNS.get(variant)
-    if needed is not None and needed not in columns:
+    if needed is not None and needed not in parquet.columns:
         raise ConfigError(f"variant {variant!r}: {path} has no {needed!r} column")
     table = InputTable()
     convert = partial(_scar_row, images=_Images(Path(image_root)), variant=variant, strict_boxes=strict_boxes,
                       table=table)
-    return _load(str(path), task, table, _rows([_Source(file, columns, path.name)], limit), convert)
+    return _load(str(path), task, table, iter_rows(parquet, limit), convert)
 
 
 @dataclass(frozen=True)
@@ -481,7 +420,7 @@ def load_mmeb_eval(
     entries mean text candidates), `qry_inst` and `tgt_inst`. Without `qry_inst`, `qry_text` holds the whole
     instruction (the MMEB-eval v1 layout). Queries follow virtue-spec §5.4 through `mmeb_query_text`.
 
-    path: the task's parquet file, or its shards in order (the hub layout, `eval.mmeb_layout`).
+    path: the task's parquet file, or its shards in order (the hub layout, `virtue.data.layouts`).
     task: the MMEB task name; "VisDial" gets the extra trailing newline of the official t2i code.
     family: "cls", "i2t", "qa", "vg" (grounding and i2i) or "t2i" (text-only queries); None or a meta-task name
         takes the task's official family (`mmeb_family`).
@@ -494,13 +433,12 @@ def load_mmeb_eval(
         raise ConfigError(f"task {task}: no parquet file given")
     sources = []
     for file_path in paths:
-        file, columns = _open_parquet(file_path, MMEB_COLUMNS, MMEB_OPTIONAL_COLUMNS)
         label = file_path.relative_to(root).as_posix() if root is not None else file_path.name
-        sources.append(_Source(file, columns, label))
+        sources.append(open_parquet(file_path, MMEB_COLUMNS, MMEB_OPTIONAL_COLUMNS, label=label))
     table = InputTable()
     convert = partial(_mmeb_row, images=_Images(Path(image_root)), task=task, family=family, table=table)
     where = str(paths[0]) if len(paths) == 1 else f"{paths[0].parent} ({len(paths)} files)"
-    return _load(where, task, table, _rows(sources, limit), convert)
+    return _load(where, task, table, iter_rows(sources, limit), convert)
 
 
 def _mmeb_row(row: dict[str, Any], images: _Images, task: str, family: str, table: InputTable) -> _Converted:

@@ -15,26 +15,11 @@ import sqlite3
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from virtue.hashing import file_sha256
+from virtue.images import load_image
 from virtue.inputs import EmbedInput
-from virtue.processing.images import image_digest, load_image
-
-
-def hash_tensors(h, named_tensors) -> None:
-    """Feed (name, tensor) pairs into the hash `h`, in the order given: each one's name, shape, dtype and bytes."""
-    for name, tensor in named_tensors:
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        # The array itself, not `.tobytes()`: hashing a copy would double a multi-GB model's memory for a moment.
-        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
-
-
-def model_fingerprint(model: torch.nn.Module, config_json: str) -> str:
-    """sha256 over the config and every parameter and buffer (names, shapes, dtypes and bytes)."""
-    h = hashlib.sha256(config_json.encode())
-    hash_tensors(h, sorted(model.state_dict().items()))
-    return h.hexdigest()[:32]
+from virtue.processing.images import image_digest
 
 
 class InputKeys:
@@ -64,7 +49,7 @@ class InputKeys:
             stat = path.stat()
             sig = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
             if sig not in self._files:
-                self._files[sig] = hashlib.sha256(path.read_bytes()).hexdigest()
+                self._files[sig] = file_sha256(path)
             return self._files[sig]
         return image_digest(load_image(image))
 

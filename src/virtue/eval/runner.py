@@ -22,10 +22,9 @@ scores, and writes results.json / .md / .png, which equal one process's except t
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +32,11 @@ from tqdm.auto import tqdm
 
 from virtue.errors import ConfigError
 from virtue.eval.distributed import Ranks
-from virtue.eval.embed_cache import EmbeddingCache, InputKeys, model_fingerprint
+from virtue.eval.embed_cache import EmbeddingCache, InputKeys
 from virtue.eval.metrics import rank_by_name, ranking_metrics
 from virtue.eval.table import EvalTask
 from virtue.eval.tasks import TaskSpec, aggregate, get_tasks
+from virtue.hashing import model_fingerprint
 from virtue.inputs import EmbedInput
 from virtue.model.embedder import VirtueModel
 
@@ -56,7 +56,7 @@ class EvalConfig:
     """Attributes:
     benchmark: "scar" or "mmeb".
     data_root: folder with the evaluation parquet files (MMEB: one per task, or the hub snapshot layout, see
-        `eval.mmeb_layout`).
+        `virtue.data.layouts`).
     image_root: the images' folder (default: SCaR, the data root; MMEB, `<data_root>/eval_images` when present).
     tasks: task names (None: every task of the benchmark found under data_root).
     limit: first N queries per task (quick runs).
@@ -99,13 +99,6 @@ class EvalConfig:
             raise ConfigError(f"scar_variant: expected one of {list(SCAR_PROMPTS)}, got {self.scar_variant!r}")
 
 
-@dataclass
-class TaskRun:
-    task: str
-    metrics: dict[str, float]
-    ranks: list[int] = field(default_factory=list)
-
-
 def _resize(cfg: EvalConfig, model: VirtueModel) -> tuple[int, int] | None:
     if cfg.image_resize in ("native", []):
         return None
@@ -123,7 +116,7 @@ class Embedder:
         self.ranks = ranks or Ranks()
         self.resize = _resize(cfg, model)
         self.keys = InputKeys({"image_resize": self.resize})
-        self.fingerprint = model_fingerprint(model, json.dumps(model.config.to_dict(), sort_keys=True))
+        self.fingerprint = model_fingerprint(model)
         self.cache: EmbeddingCache | None = None
         if cfg.cache_dir:
             # Rank 0 creates the file and is its only writer; the others open it for lookups once it exists.
@@ -207,13 +200,13 @@ def task_files(task: TaskSpec, cfg: EvalConfig) -> tuple[list[Path], Path]:
     """
     root = Path(cfg.data_root)
     if task.benchmark == "scar":
-        from virtue.eval.datasets import find_scar_files
+        from virtue.data.layouts import find_scar_files
 
         scar_files = find_scar_files(root)
         if task.file_stem not in scar_files:
             raise ConfigError(f"{root}: no file for task {task.name} (expected {task.file_stem}.parquet)")
         return [scar_files[task.file_stem]], Path(cfg.image_root) if cfg.image_root else root
-    from virtue.eval.mmeb_layout import mmeb_image_root, mmeb_task_files
+    from virtue.data.layouts import mmeb_image_root, mmeb_task_files
 
     files = mmeb_task_files(root, task.file_stem)
     if not files:
@@ -267,14 +260,14 @@ def available_tasks(cfg: EvalConfig) -> list[TaskSpec]:
         return tasks
     root = Path(cfg.data_root)
     if cfg.benchmark == "scar":
-        from virtue.eval.datasets import find_scar_files
+        from virtue.data.layouts import find_scar_files
 
         present = set(find_scar_files(root))
         found = [t for t in tasks if t.file_stem in present]
         if not found:
             raise ConfigError(f"{root}: no SCaR-Eval parquet files (SCaR_eval_<subset>.parquet) found")
         return found
-    from virtue.eval.mmeb_layout import mmeb_task_files
+    from virtue.data.layouts import mmeb_task_files
 
     if not root.is_dir():
         raise ConfigError(f"MMEB root: folder not found: {root}")

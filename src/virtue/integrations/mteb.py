@@ -116,7 +116,7 @@ class VirtueMtebModel(AbsEncoder):
     Args:
         model: a `VirtueModel`, or a hub id / local directory for `VirtueModel.from_pretrained`.
         revision: the revision recorded in mteb's results (its cache folder); default: a hash of the model's
-            config and weights (`virtue.eval.embed_cache.model_fingerprint`), so that a changed model never
+            config and weights (`virtue.hashing.model_fingerprint`), so that a changed model never
             reuses another's cached results. It does not select a hub revision.
         device, dtype: for `from_pretrained` (a loaded model is used as it is).
         name: the model name in mteb's results; default: the hub id given (results then go to an
@@ -180,11 +180,9 @@ class VirtueMtebModel(AbsEncoder):
             else:
                 name = f"virtue/{Path(source).name if source else 'VirtueModel'}"
         if revision is None:
-            import json
+            from virtue.hashing import model_fingerprint
 
-            from virtue.eval.embed_cache import model_fingerprint
-
-            revision = model_fingerprint(self.model, json.dumps(self.model.config.to_dict(), sort_keys=True))
+            revision = model_fingerprint(self.model)
         sam = self.model.sam is not None
         resize = "native" if self.image_resize is None else f"{self.image_resize[0]}x{self.image_resize[1]}"
         return ModelMeta(

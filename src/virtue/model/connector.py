@@ -20,3 +20,14 @@ class Connector(nn.Module):
     def forward(self, fused_map: torch.Tensor) -> torch.Tensor:
         tokens = self.reducer(fused_map).flatten(2).transpose(1, 2)  # [N, T, dim]
         return self.mlp(tokens)  # [N, T, hidden]
+
+
+def seeded_connector_state(sam_dim: int, hidden_size: int, kernel: int, seed: int) -> dict[str, torch.Tensor]:
+    """A fresh connector's weights as the official code creates them (PyTorch's default init), from a generator
+    of its own seeded with `seed`, so that the result depends on `seed` alone, not on what else was drawn before.
+    Keys as in `VirtueModel` ("connector.reducer.weight", ...), float32 on the CPU."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device("cpu"):
+            connector = Connector(sam_dim, hidden_size, kernel).float()
+    return {f"connector.{k}": v.detach() for k, v in connector.state_dict().items()}

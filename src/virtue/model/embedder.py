@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from virtue.checkpoints.base import BASE_HUB_PATTERNS, read_base
+from virtue.checkpoints.loading import SAM_SOURCE_FILE, detect_layout, load_tokenizer, read_checkpoint, resolve_dir
+from virtue.checkpoints.native import check_state_dict, save_native
 from virtue.config import CompatConfig, VirtueConfig
-from virtue.errors import InputError, PromptError
+from virtue.errors import CheckpointError, InputError, PromptError
 from virtue.inputs import EmbedInput, parse_input
 from virtue.model.backbone import build_qwen, last_hidden, pack_rows
-from virtue.model.connector import Connector
+from virtue.model.connector import Connector, seeded_connector_state
 from virtue.model.feature_cache import FeatureCache, ImageFeatures
+from virtue.model.loaders import loader_for
 from virtue.model.precision import built_in, cudnn_tf32_off
 from virtue.model.sam_branch import SamBranch
 from virtue.processing.batch import LoadedImage, VirtueProcessor
@@ -82,17 +86,12 @@ class VirtueModel(nn.Module):
         Raises:
             CheckpointError (and subclasses) naming the file and what is wrong.
         """
-        from virtue.checkpoints.loading import read_checkpoint
-
         local = Path(name_or_path).expanduser()
-        if local.is_dir():
-            from virtue.train.checkpoint_model import is_training_checkpoint, load_training_checkpoint
-
-            if is_training_checkpoint(local):
-                return load_training_checkpoint(
-                    local, device=device, dtype=dtype, merge_adapters=merge_adapters, allow_hub=allow_hub,
-                    compat=compat, float32_modules=float32_modules,
-                )
+        if local.is_dir() and detect_layout(local) is None:
+            loader = loader_for(local)  # a layout another package owns (a training checkpoint: `virtue.train`)
+            if loader is not None:
+                return loader.load(local, device=device, dtype=dtype, merge_adapters=merge_adapters,
+                                   allow_hub=allow_hub, compat=compat, float32_modules=float32_modules)
         ckpt = read_checkpoint(name_or_path, sam_checkpoint=sam_checkpoint, allow_hub=allow_hub)
         config = ckpt.config if compat is None else ckpt.config.replace(compat=compat)
         model = cls._assemble(config, ckpt.tokenizer, ckpt.state_dict, ckpt.source, dtype=dtype, device=device,
@@ -127,14 +126,11 @@ class VirtueModel(nn.Module):
                 by a model trained from scratch).
             float32_modules: top-level modules ("sam", "connector") kept in float32 whatever `dtype` is.
         """
-        from virtue.checkpoints.base import BASE_HUB_PATTERNS, read_base
-        from virtue.checkpoints.loading import load_tokenizer, resolve_dir
-
         path = resolve_dir(qwen2vl, allow_hub, allow_patterns=BASE_HUB_PATTERNS)
         config, state, sam_source = read_base(
-            path, sam_checkpoint=sam_checkpoint, allow_hub=allow_hub, seed=seed, compat=compat,
-            points_per_side=points_per_side,
+            path, sam_checkpoint=sam_checkpoint, allow_hub=allow_hub, compat=compat, points_per_side=points_per_side
         )
+        state.update(seeded_connector_state(config.sam.dim, config.hidden_size, config.sam.reducer_kernel, seed))
         source = f"{path} (base; SAM2 from {sam_source}; connector seeded {seed})"
         model = cls._assemble(config, load_tokenizer(path), state, source, dtype=dtype, device=device,
                               attn_implementation=attn_implementation, float32_modules=float32_modules)
@@ -181,19 +177,18 @@ class VirtueModel(nn.Module):
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
         """Strict load with shapes checked; names every missing, unexpected or mis-shaped key."""
-        from virtue.checkpoints.native import check_state_dict
-
         check_state_dict(self.state_dict(), state_dict, source)
         self.load_state_dict(state_dict, strict=True)
 
-    def save_pretrained(self, path: str | Path, *, dtype: torch.dtype | None = None) -> None:
-        """Write the library layout: config.json, model.safetensors, tokenizer files.
+    def save_pretrained(
+        self, path: str | Path, *, dtype: torch.dtype | None = None, sentence_transformers_files: bool = True
+    ) -> None:
+        """Write the library layout: config.json, model.safetensors, tokenizer files, and where SAM2 came from.
 
         dtype: cast every floating-point weight to it (default: keep each weight's dtype).
+        sentence_transformers_files: also write the files that make the folder a sentence-transformers model
+            (`virtue.checkpoints.st_files`); False when `SentenceTransformer.save` writes its own.
         """
-        from virtue.checkpoints.native import save_native
-        from virtue.errors import CheckpointError
-
         if any(".lora_" in name for name, _ in self.named_parameters()):
             raise CheckpointError(
                 "this model still holds training adapters; fold them in first with "
@@ -202,10 +197,9 @@ class VirtueModel(nn.Module):
         state = self.state_dict()
         if dtype is not None:
             state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        save_native(path, self.config, state, self.processor.tokenizer)
+        save_native(path, self.config, state, self.processor.tokenizer,
+                    sentence_transformers=sentence_transformers_files)
         if self.sam_source is not None:
-            from virtue.checkpoints.loading import SAM_SOURCE_FILE
-
             (Path(path) / SAM_SOURCE_FILE).write_text(json.dumps(self.sam_source, indent=2) + "\n")
 
     def compile_towers(self, *, sam: bool = True, vision: bool = True, **compile_kwargs: Any) -> VirtueModel:
@@ -433,8 +427,9 @@ class VirtueModel(nn.Module):
             raise InputError(f"batch_size: must be >= 1, got {batch_size}")
         if num_workers < 0 or prefetch < 1:
             raise InputError(f"num_workers must be >= 0 and prefetch >= 1, got {num_workers}, {prefetch}")
-        row_ids = self.check_inputs(items, image_resize=image_resize, max_length=max_length, truncate=truncate)
-        batches = list(self._plan(items, batch_size, row_ids))
+        items = self.processor.check_inputs(items, image_resize=image_resize, max_length=max_length,
+                                            truncate=truncate)
+        batches = list(self.processor.plan_batches(items, batch_size))
         cache = FeatureCache(capacity=max(4 * batch_size, 16)) if reuse_image_features else None
         out = torch.empty(len(items), self.config.hidden_size)
         show = len(batches) > 1 if show_progress_bar is None else show_progress_bar
@@ -444,103 +439,12 @@ class VirtueModel(nn.Module):
         with prepared, tqdm(total=len(batches), desc="Encoding", unit="batch", disable=not show) as bar:
             for batch, rows in prepared:
                 emb = self(rows, indices=batch, cache=cache, image_resize=image_resize,
-                           normalize=normalize_embeddings, row_ids=[row_ids[i] for i in batch])
+                           normalize=normalize_embeddings, row_ids=[list(items[i].token_ids) for i in batch])
                 out[batch] = emb.float().cpu()
                 bar.update(1)
         if single:
             out = out[0]
         return out.numpy() if convert_to_numpy else out
-
-    def _plan(self, items: list[EmbedInput], batch_size: int, row_ids: Sequence[list[int]]) -> Iterable[list[int]]:
-        """Text rows sorted by length; image rows grouped by image (features reused), the images ordered by the
-        length of their first row (its visual tokens, mostly), so that the rows of a batch pad little."""
-        text = [i for i, it in enumerate(items) if not it.has_image]
-        text.sort(key=lambda i: -len(row_ids[i]))
-        first_seen: dict[Any, int] = {}
-        image = [i for i, it in enumerate(items) if it.has_image]
-        for i in image:
-            first_seen.setdefault(items[i].image_identity(), i)
-        image.sort(key=lambda i: (-len(row_ids[first_seen[items[i].image_identity()]]),
-                                  first_seen[items[i].image_identity()], i))
-        for group in (text, image):
-            for start in range(0, len(group), batch_size):
-                yield group[start : start + batch_size]
-
-    def visual_tokens_for_size(self, size_wh: tuple[int, int], image_resize: tuple[int, int] | None = None) -> int:
-        """Visual tokens (after the 2x2 merge) of an image of `size_wh` (width, height, as displayed), after the
-        official pre-resizes and Qwen2-VL's `smart_resize`; ImageError for an aspect ratio it cannot resize."""
-        from virtue.processing.images import prepared_size
-        from virtue.processing.qwen import smart_resize
-
-        w, h = prepared_size(size_wh, image_resize)
-        h, w = smart_resize(h, w, self.config.image_processing)
-        return h * w // self.config.image_processing.factor ** 2
-
-    def check_inputs(
-        self,
-        items: Sequence[EmbedInput],
-        *,
-        image_resize: tuple[int, int] | None = None,
-        max_length: int | None = None,
-        truncate: bool = False,
-    ) -> list[list[int]]:
-        """Check every input before any compute: its image readable (a file's header only, once per image) and
-        not above the pixel limit, its prompt inside the image (as displayed, when EXIF rotates it), its length.
-        Raises one error naming every bad input (its type when all problems share one, else `InputError`).
-        Returns each input's token ids as the model reads them (the image placeholder expanded, cut when
-        `truncate`)."""
-        from virtue.processing.images import load_image
-
-        proc = self.processor
-        problems: list[InputError] = []
-        sizes: dict[Any, tuple[int, int]] = {}  # image identity -> size: k prompts on one photo, one header
-        row_ids: list[list[int]] = [[] for _ in items]
-        for i, item in enumerate(items):
-            where = f"input {i}"
-            try:
-                visual = None
-                if item.has_image:
-                    if item.prompt is not None and self.sam is None:
-                        raise PromptError(f"{where}: this model has no SAM branch, so it cannot read a visual prompt")
-                    size = sizes.get(item.image_identity())
-                    if size is None:
-                        if isinstance(item.image, np.ndarray):
-                            size = load_image(item.image, where, max_pixels=proc.max_image_pixels).size
-                        else:
-                            size = self._checked_size(item, where)
-                        sizes[item.image_identity()] = size
-                    proc._check_prompt(item, size, where)
-                    visual = self.visual_tokens_for_size(size, image_resize)
-                row_ids[i] = proc.row_ids(item, where, visual, max_length=max_length, truncate=truncate)
-            except InputError as exc:
-                problems.append(exc)
-        if len(problems) == 1:
-            raise problems[0]
-        if problems:
-            kinds = {type(p) for p in problems}
-            kind = kinds.pop() if len(kinds) == 1 else InputError
-            raise kind(f"{len(problems)} bad inputs: " + "; ".join(str(p) for p in problems))
-        return row_ids
-
-    def _checked_size(self, item: EmbedInput, where: str) -> tuple[int, int]:
-        """(width, height) as the model will see it, from the header alone; ImageError naming `where` if the image
-        cannot be read or is above the pixel limit."""
-        from PIL import Image
-
-        from virtue.errors import ImageError
-        from virtue.processing.batch import LoadedImage
-        from virtue.processing.images import check_pixels, header_size
-
-        image = item.image
-        if isinstance(image, LoadedImage):
-            return image.size_wh
-        if not isinstance(image, (str, Path, Image.Image)):
-            raise ImageError(f"{where}: expected a path, PIL image or numpy array, got {type(image).__name__}")
-        size = header_size(image, where, self.processor.exif_transpose(item))
-        check_pixels(size, self.processor.max_image_pixels, where)
-        if size[0] == 0 or size[1] == 0:
-            raise ImageError(f"{where}: image is empty ({size[0]}x{size[1]})")
-        return size
 
     @staticmethod
     def similarity(a, b) -> np.ndarray | torch.Tensor:

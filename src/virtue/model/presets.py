@@ -149,7 +149,7 @@ def mid_config(*, sam_enabled: bool = True, compat: CompatConfig | None = None) 
 
 def sam2_hiera_b_plus() -> dict:
     """`Sam2Config` kwargs of SAM2.1 Hiera-B+, the SAM2 all VIRTUE checkpoints use (from Meta's yaml, built in)."""
-    from virtue.checkpoints.sam2_weights import B_PLUS_META_CONFIG, sam2_config_from_meta
+    from virtue.checkpoints.sam2_config import B_PLUS_META_CONFIG, sam2_config_from_meta
 
     return sam2_config_from_meta(B_PLUS_META_CONFIG, source="built-in SAM2.1 Hiera-B+ config")
 

@@ -8,17 +8,11 @@ LanceDB (`pip install lancedb`) and Ray (`pip install "ray[data]"`, for `ray_add
 when used.
 """
 
-from virtue.search.index import (
-    IndexStats,
-    RayOptions,
-    SearchHit,
-    index_directory,
-    load_regions,
-    model_fingerprint_of,
-    open_index,
-    search,
-    search_vector,
-)
+from virtue.hashing import model_fingerprint as model_fingerprint_of  # the name this package exported first
+from virtue.search.index import SearchHit, index_directory, open_index, search, search_vector
+from virtue.search.planning import IndexStats
+from virtue.search.ray_options import RayOptions
+from virtue.search.sidecar import load_regions
 from virtue.search.store import IndexMeta, IndexMismatchError, IndexNotFoundError, IndexStore, MissingDependencyError
 
 __all__ = [

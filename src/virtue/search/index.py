@@ -1,78 +1,48 @@
 """`index_directory` and `search`: a folder of images, and regions of them, as a searchable vector index.
 
 Every image under the folder becomes one row, embedded image-only (the model's default image text and grid
-prompt). A JSON-lines sidecar (default `<folder>/regions.jsonl`) adds one row per region:
+prompt). A JSON-lines sidecar (default `<folder>/regions.jsonl`, see `virtue.search.sidecar`) adds one row per
+region.
 
-    {"image": "rel/photo.jpg", "box": [x1, y1, x2, y2], "id": "dog", "label": "dog", "text": "instruction"}
-    {"image": "rel/photo.jpg", "points": [[x, y], ...], "labels": [1, 0]}
-    {"image": "rel/photo.jpg", "mask": "rel/photo-mask.png"}
-
-Re-indexing is incremental: an image whose (size, mtime) is unchanged is skipped without reading it, one
-whose bytes hash the same is only re-stamped, a changed one is re-embedded with its regions, and the rows of
-a deleted one are removed. Regions are keyed by their line's content (and the mask's bytes), so an edited
-line is re-embedded and a removed line is deleted.
+Re-indexing is incremental (`virtue.search.planning`): an image whose (size, mtime) is unchanged is skipped
+without reading it, one whose bytes hash the same is only re-stamped, one whose bytes a stored image has (a
+renamed or copied file) takes that image's vector, a changed one is re-embedded with its regions, and the rows
+of a deleted one are removed. Regions are keyed by their line's content (and the mask's bytes), so an edited
+line is re-embedded and a removed line is deleted. A file that cannot be read as an image is skipped and
+reported (`IndexStats.skipped_files`), not fatal.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from virtue.errors import DataError, InputError, VirtueError
-from virtue.inputs import parse_input
+from virtue.errors import InputError
+from virtue.hashing import model_fingerprint
 from virtue.processing.text import DEFAULT_IMAGE_TEXT
-from virtue.prompts import VisualPrompt
+from virtue.search.planning import IndexStats, Plan, plan_index, reuse_stored_vectors, scan_images
+from virtue.search.ray_options import RayOptions
+from virtue.search.sidecar import load_regions
 from virtue.search.store import IndexMeta, IndexMismatchError, IndexStore
+
+__all__ = ["KINDS", "IndexStats", "RayOptions", "SearchHit", "index_directory", "open_index", "search",
+           "search_vector"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-REGIONS_FILE = "regions.jsonl"
-REGION_KEYS = ("image", "box", "points", "labels", "mask", "id", "text", "label")
 KINDS = ("image", "region", "all")
 # Rows are embedded and written in chunks of this many batches: an interrupted run keeps finished chunks,
 # and the next run (seeing them unchanged) resumes after them.
 CHUNK_BATCHES = 8
 Kind = Literal["image", "region", "all"]
 ImageResize = tuple[int, int] | Literal["model", "native"] | None
-
-
-@dataclass
-class IndexStats:
-    """What one `index_directory` call did. Image counts are files; region counts are sidecar lines."""
-
-    added: int = 0
-    updated: int = 0
-    unchanged: int = 0
-    removed: int = 0
-    skipped: int = 0  # files with an image suffix that cannot be read as images
-    regions_added: int = 0
-    regions_updated: int = 0  # re-embedded because their image changed
-    regions_unchanged: int = 0
-    regions_removed: int = 0
-    embedded: int = 0  # vectors computed by this call
-
-    def to_dict(self) -> dict[str, int]:
-        return asdict(self)
-
-    def summary(self) -> str:
-        return (
-            f"images: {self.added} added, {self.updated} updated, {self.unchanged} unchanged, "
-            f"{self.removed} removed, {self.skipped} skipped; regions: {self.regions_added} added, "
-            f"{self.regions_updated} updated, {self.regions_unchanged} unchanged, {self.regions_removed} removed; "
-            f"{self.embedded} vectors embedded"
-        )
 
 
 @dataclass(frozen=True)
@@ -95,82 +65,33 @@ class SearchHit:
         return asdict(self)
 
 
-@dataclass(frozen=True)
-class RayOptions:
-    """How `index_directory(..., ray_address=...)` runs its Ray Data job.
-
-    `model_dir` must be readable by every worker (shared storage on a multi-node cluster): the model is saved
-    there with `save_pretrained` unless it already holds a saved model. Without it, a temporary folder on the
-    driver is used, which only works when the workers share the driver's filesystem (one machine).
-    """
-
-    concurrency: int = 2  # actors, each holding one model
-    num_cpus: float = 1.0  # per actor
-    num_gpus: float = 0.0  # per actor; > 0 puts the model on CUDA
-    model_dir: str | Path | None = None
-
-
-@dataclass(frozen=True)
-class _Region:
-    image: str  # path relative to the root
-    region_id: str
-    key: str
-    prompt: dict[str, Any]  # JSON-able: box / points + labels / mask (relative path) / text
-    label: str | None
-    where: str  # file:line, for messages
-    parsed: VisualPrompt | None = field(compare=False, default=None)
-
-
-@dataclass(frozen=True)
-class _File:
-    rel: str
-    path: Path
-    size: int
-    mtime_ns: int
-
-
-@dataclass
-class _Plan:
-    stats: IndexStats = field(default_factory=IndexStats)
-    delete_images: list[str] = field(default_factory=list)
-    delete_regions: list[str] = field(default_factory=list)
-    touched: list[_File] = field(default_factory=list)
-    rows: list[dict[str, Any]] = field(default_factory=list)  # table rows without the vector
-    specs: list[dict[str, Any]] = field(default_factory=list)  # the matching encode() inputs
-
-
 # --------------------------------------------------------------------------------------------- public API
-def model_fingerprint_of(model) -> str:
-    """The model's identity as the index records it: config and a hash of every weight."""
-    from virtue.eval.embed_cache import model_fingerprint
-
-    return model_fingerprint(model, json.dumps(model.config.to_dict(), sort_keys=True))
-
-
 def index_directory(
     model,
     root: str | Path,
     db_path: str | Path,
     *,
-    regions: str | Path | None = None,
+    regions: str | Path | Literal[False] | None = None,
     batch_size: int = 8,
     rebuild: bool = False,
     image_resize: ImageResize = "model",
     ray_address: str | None = None,
     ray_options: RayOptions | None = None,
     show_progress_bar: bool = True,
+    fingerprint: str | None = None,
 ) -> IndexStats:
     """Index every image under `root` (and the regions of a JSON-lines sidecar) into the LanceDB at `db_path`.
 
     Args:
         model: a `VirtueModel`; its fingerprint is stored, and a later call with another model is refused.
-        regions: the sidecar; default `<root>/regions.jsonl` if present.
+        regions: the sidecar; default `<root>/regions.jsonl` if present; False: image rows only.
         rebuild: drop an index built with another model or settings instead of refusing.
         image_resize: "model" (the model's `compat.eval_image_resize`, as in evaluation), "native"/None, or
             (width, height); stored with the index and applied to image queries too.
         ray_address: run the embedding as a Ray Data job on this cluster ("auto", "host:port", "local").
+        fingerprint: `virtue.hashing.model_fingerprint(model)` when already known (it hashes every weight).
     Returns:
-        counts of what was added, updated, left unchanged and removed.
+        counts of what was added, updated, left unchanged, reused, skipped and removed.
     Raises:
         IndexMismatchError: the index holds vectors of another model / settings (and not `rebuild`).
         DataError: a bad sidecar line (named by file and line), before anything is written.
@@ -181,21 +102,24 @@ def index_directory(
     if batch_size < 1:
         raise InputError(f"batch_size: must be >= 1, got {batch_size}")
     meta = IndexMeta(
-        fingerprint=model_fingerprint_of(model),
+        fingerprint=fingerprint or model_fingerprint(model),
         dim=int(model.config.hidden_size),
         image_resize=_resolve_resize(image_resize, model),
         image_text=DEFAULT_IMAGE_TEXT,
     )
-    region_list = load_regions(root, regions)  # a bad sidecar fails before the index is touched
+    region_list = [] if regions is False else load_regions(root, regions)  # a bad sidecar fails before writing
     masks = {r.prompt["mask"] for r in region_list if "mask" in r.prompt}
-    files = _scan(root, exclude=masks)
+    files = scan_images(root, exclude=masks)
     store = IndexStore.open_for_writing(db_path, meta, rebuild=rebuild)
-    plan = _plan(store, str(root), files, region_list)  # bounds are checked here, still before any write
-    _apply_removals(store, str(root), plan)
+    plan = plan_index(store, str(root), files, region_list)  # bounds are checked here, still before any write
+    reuse_stored_vectors(store, plan)  # before the removals, which may delete the row it copies
+    _apply_plan(store, str(root), plan)
+    failed: dict[int, str] = {}
     if plan.specs:
-        chunks = _embed_chunks(model, plan.specs, batch_size, meta, ray_address, ray_options)
+        chunks = _embed_chunks(model, plan.specs, batch_size, meta, ray_address, ray_options, failed)
         _write(store, plan.rows, chunks, batch_size * CHUNK_BATCHES, show_progress_bar)
-    plan.stats.embedded = len(plan.specs)
+    plan.drop_failed(failed)
+    plan.stats.embedded = len(plan.specs) - len(failed)
     logger.info("%s -> %s: %s", root, db_path, plan.stats.summary())
     return plan.stats
 
@@ -207,7 +131,7 @@ def search(model, db_path: str | Path, query: Any, *, top_k: int = 10, kind: Kin
         IndexMismatchError: `model` is not the model the index was built with.
     """
     store = IndexStore.open(db_path)
-    fingerprint = model_fingerprint_of(model)
+    fingerprint = model_fingerprint(model)
     if fingerprint != store.meta.fingerprint:
         raise IndexMismatchError(
             f"{db_path}: the index was built with model fingerprint {store.meta.fingerprint}, this model's is "
@@ -227,249 +151,54 @@ def open_index(db_path: str | Path) -> IndexStore:
     return IndexStore.open(db_path)
 
 
-# --------------------------------------------------------------------------------------------- the sidecar
-def load_regions(root: str | Path, regions: str | Path | None = None) -> list[_Region]:
-    """Parse and check the sidecar (image bounds are checked later, against each image's size)."""
-    root = Path(root).resolve()
-    path = Path(regions) if regions is not None else root / REGIONS_FILE
-    if not path.is_file():
-        if regions is not None:
-            raise DataError(f"regions file not found: {path}")
-        return []
-    out: dict[str, _Region] = {}
-    ids: set[tuple[str, str]] = set()
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        region = _parse_region(line, root, f"{path}:{n}")
-        if region.key in out:
-            logger.warning("%s: same region as %s, ignored", region.where, out[region.key].where)
-            continue
-        if (region.image, region.region_id) in ids:
-            raise DataError(f"{region.where}: region id {region.region_id!r} is used twice for {region.image}")
-        ids.add((region.image, region.region_id))
-        out[region.key] = region
-    return list(out.values())
-
-
-def _parse_region(line: str, root: Path, where: str) -> _Region:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: not valid JSON ({exc})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - set(REGION_KEYS))
-    if unknown:
-        raise DataError(f"{where}: unknown key(s) {unknown}; allowed: {list(REGION_KEYS)}")
-    image = _relative(obj.get("image"), root, where, "image")
-    prompt = {k: obj[k] for k in ("box", "points", "labels", "text") if obj.get(k) is not None}
-    if obj.get("mask") is not None:
-        prompt["mask"] = _relative(obj["mask"], root, where, "mask")
-    if not any(k in prompt for k in ("box", "points", "mask")):
-        raise DataError(f"{where}: a region needs a 'box', 'points' or 'mask'")
-    try:
-        parsed = parse_input(_spec(root, image, prompt)).prompt
-    except (VirtueError, ValueError) as exc:
-        raise DataError(f"{where}: {exc}") from None
-    key = _region_key(root, image, prompt, obj.get("id"), obj.get("label"))
-    region_id = str(obj["id"]) if obj.get("id") is not None else key[:12]
-    label = None if obj.get("label") is None else str(obj["label"])
-    return _Region(image, region_id, key, prompt, label, where, parsed)
-
-
-def _relative(value: Any, root: Path, where: str, name: str) -> str:
-    """A sidecar path as POSIX relative to root (relative to it, or absolute inside it); refuses paths leaving it.
-
-    Normalised without following links, so a linked file under the root keeps the path the scan sees.
-    """
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{where}: '{name}' must be a path relative to {root}, got {value!r}")
-    path = Path(os.path.normpath(root / value))
-    if not path.is_relative_to(root):
-        raise DataError(f"{where}: '{name}' {value!r} lies outside {root}")
-    if not path.is_file():
-        raise DataError(f"{where}: '{name}' file not found: {path}")
-    return path.relative_to(root).as_posix()
-
-
-def _region_key(root: Path, image: str, prompt: dict, region_id: Any, label: Any) -> str:
-    """Changes when anything that defines the row changes, including the mask file's bytes."""
-    h = hashlib.sha256(json.dumps([image, prompt, region_id, label], sort_keys=True).encode())
-    if "mask" in prompt:
-        h.update(_sha256(root / prompt["mask"]).encode())
-    return h.hexdigest()
-
-
-def _spec(root: Path, image: str, prompt: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The encode() input for an image row (no prompt) or a region row, with absolute paths."""
-    spec: dict[str, Any] = {"image": str(root / image)}
-    for name, value in (prompt or {}).items():
-        spec[name] = str(root / value) if name == "mask" else value
-    return spec
-
-
-# --------------------------------------------------------------------------------------------- planning
-def _scan(root: Path, exclude: set[str]) -> dict[str, _File]:
-    """Image files under root by relative path; hidden files and folders, and mask files, are left out."""
-    found: dict[str, _File] = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.suffix.lower() not in IMAGE_SUFFIXES or rel in exclude or not path.is_file():
-            continue
-        if any(part.startswith(".") for part in rel.split("/")):
-            continue
-        stat = path.stat()
-        found[rel] = _File(rel, path, stat.st_size, stat.st_mtime_ns)
-    return found
-
-
-def _existing(state: pa.Table) -> tuple[dict[str, dict], dict[str, set[str]]]:
-    """(image rows by path, region keys by image path) of what is stored under one root."""
-    images: dict[str, dict] = {}
-    regions: dict[str, set[str]] = {}
-    for row in state.to_pylist():
-        if row["kind"] == "image":
-            images[row["path"]] = row
-        else:
-            regions.setdefault(row["path"], set()).add(row["region_key"])
-    return images, regions
-
-
-def _plan(store: IndexStore, root: str, files: dict[str, _File], regions: Sequence[_Region]) -> _Plan:
-    stored_images, stored_regions = _existing(store.state(root))
-    by_image: dict[str, list[_Region]] = {}
-    for region in regions:
-        if region.image not in files:
-            raise DataError(f"{region.where}: image {region.image!r} is not an indexable image under {root}")
-        by_image.setdefault(region.image, []).append(region)
-    plan = _Plan()
-    for rel, file in files.items():
-        _plan_file(plan, root, file, stored_images.get(rel), stored_regions.get(rel, set()), by_image.get(rel, []))
-    for rel in sorted((stored_images.keys() | stored_regions.keys()) - files.keys()):
-        plan.delete_images.append(rel)
-        plan.stats.removed += int(rel in stored_images)
-        plan.stats.regions_removed += len(stored_regions.get(rel, ()))
-    return plan
-
-
-def _plan_file(plan: _Plan, root: str, file: _File, old: dict | None, old_keys: set[str], regions: list[_Region]):
-    """Decide one image: unchanged (maybe re-stamped; new regions only), new or changed (all rows), unreadable."""
-    if old is not None and (old["size"], old["mtime_ns"]) == (file.size, file.mtime_ns):
-        _plan_unchanged(plan, root, old, old_keys, regions)
-        return
-    sha = _sha256(file.path)  # only hashed when size or mtime moved
-    if old is not None and old["sha256"] == sha:
-        plan.touched.append(file)  # same bytes, new mtime: re-stamp so the next run skips hashing
-        _plan_unchanged(plan, root, {**old, "size": file.size, "mtime_ns": file.mtime_ns}, old_keys, regions)
-        return
-    if old is not None or old_keys:
-        plan.delete_images.append(file.rel)  # the stored rows describe bytes that are gone
-    info = _image_info(file, sha)
-    if info is None:
-        plan.stats.skipped += 1
-        plan.stats.regions_removed += len(old_keys)
-        return
-    _plan_changed(plan, root, info, old is not None, old_keys, regions)
-
-
-def _plan_unchanged(plan: _Plan, root: str, info: dict, old_keys: set[str], regions: list[_Region]) -> None:
-    stats = plan.stats
-    stats.unchanged += 1
-    wanted = {r.key: r for r in regions}
-    stale = sorted(old_keys - wanted.keys())
-    plan.delete_regions += stale
-    stats.regions_removed += len(stale)
-    stats.regions_unchanged += len(old_keys & wanted.keys())
-    for key, region in wanted.items():
-        if key not in old_keys:
-            _check_bounds(region, info)
-            _add_row(plan, Path(root), info, region)
-            stats.regions_added += 1
-
-
-def _plan_changed(plan: _Plan, root: str, info: dict, existed: bool, old_keys: set[str], regions: list[_Region]):
-    stats = plan.stats
-    stats.updated += int(existed)
-    stats.added += int(not existed)
-    _add_row(plan, Path(root), info, None)
-    stats.regions_removed += len(old_keys - {r.key for r in regions})
-    for region in regions:
-        _check_bounds(region, info)
-        _add_row(plan, Path(root), info, region)
-        stats.regions_updated += int(region.key in old_keys)
-        stats.regions_added += int(region.key not in old_keys)
-
-
-def _image_info(file: _File, sha: str) -> dict[str, Any] | None:
-    try:
-        with Image.open(file.path) as img:  # reads the header only
-            width, height = img.size
-    except (UnidentifiedImageError, OSError) as exc:
-        logger.warning("%s: not readable as an image, skipped (%s)", file.path, exc)
-        return None
-    return {"path": file.rel, "size": file.size, "mtime_ns": file.mtime_ns, "sha256": sha,
-            "width": width, "height": height}
-
-
-def _check_bounds(region: _Region, info: dict[str, Any]) -> None:
-    if region.parsed is None:
-        return
-    try:
-        region.parsed.validate((info["width"], info["height"]))
-    except VirtueError as exc:
-        raise DataError(f"{region.where}: {exc}") from None
-
-
-def _add_row(plan: _Plan, root: Path, info: dict[str, Any], region: _Region | None) -> None:
-    row = {
-        "kind": "image" if region is None else "region",
-        "root": str(root),
-        "path": info["path"],
-        "region_id": None if region is None else region.region_id,
-        "region_key": None if region is None else region.key,
-        "prompt": None if region is None else json.dumps(region.prompt, sort_keys=True),
-        "label": None if region is None else region.label,
-        **{k: info[k] for k in ("width", "height", "size", "mtime_ns", "sha256")},
-    }
-    plan.rows.append(row)
-    plan.specs.append(_spec(root, info["path"], None if region is None else region.prompt))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # --------------------------------------------------------------------------------------------- writing
-def _apply_removals(store: IndexStore, root: str, plan: _Plan) -> None:
+def _apply_plan(store: IndexStore, root: str, plan: Plan) -> None:
+    """What the plan writes without the model: removals, re-stamps, and the rows whose vector is known."""
     store.delete_images(root, plan.delete_images)
     store.delete_regions(root, plan.delete_regions)
     for file in plan.touched:
         store.touch(root, file.rel, file.size, file.mtime_ns)
+    if plan.reused_rows:
+        store.add(plan.reused_rows, np.stack(plan.reused_vectors))
 
 
 def _embed_chunks(
-    model, specs: list[dict], batch_size: int, meta: IndexMeta, ray_address: str | None, ray_options: RayOptions | None
+    model, specs: list[dict], batch_size: int, meta: IndexMeta, ray_address: str | None,
+    ray_options: RayOptions | None, failed: dict[int, str],
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(row indices, vectors) chunks, in process or on Ray; the Ray path may return chunks out of order."""
+    """(row indices, vectors) chunks, in process or on Ray; the Ray path may return chunks out of order. Rows
+    whose input the model refuses in process are left out, with why, in `failed`."""
     if ray_address is not None:
         from virtue.search.ray_job import embed_with_ray
 
         return embed_with_ray(model, specs, address=ray_address, options=ray_options or RayOptions(),
                               batch_size=batch_size, fingerprint=meta.fingerprint, image_resize=meta.image_resize)
-    return _embed_local(model, specs, batch_size, meta.image_resize)
+    return _embed_local(model, specs, batch_size, meta.image_resize, failed)
 
 
-def _embed_local(model, specs: list[dict], batch_size: int, image_resize) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _embed_local(model, specs: list[dict], batch_size: int, image_resize,
+                 failed: dict[int, str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     step = batch_size * CHUNK_BATCHES
     for start in range(0, len(specs), step):
-        part = specs[start : start + step]
-        vectors = model.encode(part, batch_size=batch_size, image_resize=image_resize, show_progress_bar=False)
-        yield np.arange(start, start + len(part)), np.asarray(vectors, np.float32)
+        yield from _embed_rows(model, specs, list(range(start, min(start + step, len(specs)))), batch_size,
+                               image_resize, failed)
+
+
+def _embed_rows(model, specs: list[dict], indices: list[int], batch_size: int, image_resize,
+                failed: dict[int, str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    try:
+        vectors = model.encode([specs[i] for i in indices], batch_size=batch_size, image_resize=image_resize,
+                               show_progress_bar=False)
+    except InputError as exc:
+        if len(indices) == 1:
+            logger.warning("%s: cannot be embedded, left out (%s)", specs[indices[0]]["image"], exc)
+            failed[indices[0]] = str(exc)
+            return
+        # A file whose header reads but whose pixels do not must not cost its chunk: embed its rows one by one.
+        for i in indices:
+            yield from _embed_rows(model, specs, [i], batch_size, image_resize, failed)
+        return
+    yield np.asarray(indices), np.asarray(vectors, np.float32)
 
 
 def _write(store: IndexStore, rows: list[dict], chunks: Iterator[tuple[np.ndarray, np.ndarray]], flush: int,

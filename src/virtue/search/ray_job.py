@@ -13,15 +13,13 @@ import logging
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from virtue.errors import VirtueError
+from virtue.search.ray_options import RayOptions
 from virtue.search.store import IndexMismatchError, require
-
-if TYPE_CHECKING:
-    from virtue.search.index import RayOptions
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +39,14 @@ class EmbedActor:
     def __init__(self, model_dir: str, fingerprint: str, dtype: str, device: str, image_resize: Any):
         import torch
 
-        from virtue import VirtueModel
-        from virtue.search.index import model_fingerprint_of
+        from virtue.hashing import model_fingerprint
+        from virtue.model.embedder import VirtueModel
 
         self.model = VirtueModel.from_pretrained(
             model_dir, device=device, dtype=getattr(torch, dtype), allow_hub=False
         )
         # A stale or different model in a shared folder would silently mix vector spaces: check it.
-        found = model_fingerprint_of(self.model)
+        found = model_fingerprint(self.model)
         if found != fingerprint:
             raise IndexMismatchError(f"{model_dir}: holds model {found}, the driver's model is {fingerprint}")
         self.image_resize = tuple(image_resize) if image_resize else None

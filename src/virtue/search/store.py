@@ -178,6 +178,22 @@ class IndexStore:
         """The columns incremental indexing compares against, for every row under `root`."""
         return self.to_arrow(_STATE_COLUMNS, where=f"root = {sql_str(root)}")
 
+    def image_vectors(self, shas: Iterable[str]) -> dict[str, np.ndarray]:
+        """The stored vector of an image row for each of these file sha256s that one has (any root: one table
+        holds one model's vectors under one set of settings, so equal bytes have equal vectors)."""
+        values = sorted(set(shas))
+        found: dict[str, np.ndarray] = {}
+        for start in range(0, len(values), _IN_CHUNK):
+            part = ", ".join(sql_str(v) for v in values[start : start + _IN_CHUNK])
+            table = self.to_arrow(["sha256", "vector"], where=f"kind = 'image' AND sha256 IN ({part})")
+            if table.num_rows == 0:
+                continue
+            flat = table.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            vectors = flat.reshape(table.num_rows, -1)
+            for sha, vector in zip(table.column("sha256").to_pylist(), vectors, strict=True):
+                found.setdefault(sha, np.asarray(vector, np.float32))
+        return found
+
     def nearest(self, vector: np.ndarray, top_k: int, kind: str = "all") -> pa.Table:
         """The `top_k` rows with the largest dot product with `vector`, best first; adds a `score` column."""
         vector = np.asarray(vector, np.float32).reshape(-1)

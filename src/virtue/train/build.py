@@ -17,7 +17,7 @@ from torch import nn
 
 from virtue.config import quiet_transformers
 from virtue.errors import ConfigError
-from virtue.eval.embed_cache import hash_tensors
+from virtue.hashing import hash_tensors
 from virtue.model.embedder import VirtueModel
 from virtue.train.adapters import apply_trainable
 from virtue.train.config import TrainConfig

@@ -14,7 +14,11 @@ import torch
 from virtue.config import CompatConfig
 from virtue.errors import CheckpointError
 from virtue.model.embedder import VirtueModel
+from virtue.model.loaders import CheckpointLoader
 from virtue.processing.batch import VirtueProcessor
+from virtue.train.adapters import merge_adapters as merge_adapter_weights
+from virtue.train.build import build_model, frozen_fingerprint, prepare_for_training
+from virtue.train.config import TrainConfig
 from virtue.train.state import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE, load_trainable, read_state
 
 
@@ -38,9 +42,6 @@ def load_training_checkpoint(
         model that runs at full speed. False keeps the run's own form (adapters in float32, autocast under mixed
         precision): bit-for-bit the model that was training; `dtype` is then ignored.
     """
-    from virtue.train.build import build_model, frozen_fingerprint, prepare_for_training
-    from virtue.train.config import TrainConfig
-
     path = Path(path)
     if not (path / CONFIG_FILE).is_file():
         raise CheckpointError(f"{path / CONFIG_FILE}: missing; checkpoints written before this file existed hold "
@@ -70,13 +71,16 @@ def merged_for_inference(model: VirtueModel, dtype: torch.dtype, float32_modules
     """Fold the adapters in, in place: a plain model with every weight in `dtype` (except `float32_modules`), no
     autocast. The merge is computed in float32 (peft adds the update to the base weight in the adapters' dtype)
     and stored once in `dtype`, so a float32 export keeps updates a bfloat16 base weight could not hold."""
-    from virtue.train.adapters import merge_adapters
-
     model.autocast_dtype = None
     if dtype == torch.float32:
         model.float()
-    merge_adapters(model)
+    merge_adapter_weights(model)
     model.requires_grad_(False)
     for name, module in model.named_children():
         module.to(dtype=torch.float32 if name in float32_modules else dtype)
     return model
+
+
+# `VirtueModel.from_pretrained("run/checkpoint-500")` finds this through the `virtue.checkpoint_loaders` entry point
+# (pyproject.toml), so the model package never imports training code.
+TRAINING_CHECKPOINTS = CheckpointLoader("training", is_training_checkpoint, load_training_checkpoint)

@@ -14,7 +14,7 @@ Data sources, as written in a training config:
         - {kind: jsonl, path: my_pairs.jsonl}
         - {kind: synthetic, n: 4000, seed: 0, hard_negatives: 3}   # procedural, virtue.train.synthetic
 
-* `kind`: `scar` (SCaR-train parquet), `mmeb` (MMEB-train parquet) or `jsonl` (the format below).
+* `kind`: `scar` (SCaR-train parquet), `mmeb` (MMEB-train parquet) or `jsonl` (JSON lines, `virtue.train.formats`).
 * `path`: one file, or a folder (layouts below).
 * `name`: renames the subset of a source that holds a single one.
 * `subsets`: for a folder, the subsets to keep (default: all); an unknown name is an error that lists the folder's.
@@ -65,13 +65,8 @@ holds an `images/` folder, a path that does not itself start with `images/` is l
 Rows
 ----
 
-SCaR-train rows (virtue-spec §5.2) become: query = the image and the `bbox` (COCO `[x, y, w, h]` pixels, turned
-into `[x1, y1, x2, y2]`) as a box prompt *and* written into the text (`qry` + `"\\nReferring object bbox: [x1, y1,
-x2, y2]"`); positive = `pos_text`; negatives = `neg_text`. As in the official code the query gets the box only;
-`masks: true` adds the `segmentation` COCO polygons, when a row has them, as a mask prompt (box + mask; the
-evaluation's matching protocol is the SCaR `box_mask` variant). Without `masks` the column is not read.
-MMEB-train rows (§5.1): `qry` / `qry_image_path`, `pos_text` / `pos_image_path`, `neg_text` / `neg_image_path`,
-`<|image_1|>` swapped for `<|image_pad|>`, an empty image path meaning a text-only side.
+How each kind's rows become examples, SCaR-train and MMEB-train columns and the JSON lines format (`kind: jsonl`):
+`virtue.train.formats`.
 
 Image checks (`check_images`)
 -----------------------------
@@ -84,55 +79,38 @@ paths being non-empty strings), and the checks that need an image are recorded o
 (`TrainExample.deferred`, a tuple of `DeferredCheck`). `run_deferred_checks(example, sizes)` runs them later, e.g.
 in a DataLoader worker, and returns the first failure as the same `BadRow` (column, reason) the load-time check
 would have reported. With deferred checks, `limit` counts rows that passed the load-time checks.
-
-JSON lines format (`kind: jsonl`)
----------------------------------
-
-One JSON object per line (blank lines are ignored):
-
-    {"query": {"text": "Describe the boxed object.", "image": "imgs/cat.jpg", "box": [10, 20, 120, 200]},
-     "positive": {"text": "a grey cat on a sofa"},
-     "negatives": [{"text": "a dog on a sofa"}, {"text": "a grey cat on a bed"}],
-     "subset": "pets"}
-
-* `query`, `positive` (required) and each item of `negatives` (optional) is either a string (a text-only side)
-  or an object with the keys accepted by `virtue.inputs.parse_input`:
-  * `text`: the instruction or caption; an image side may omit it;
-  * `image`: image file path;
-  * `box` (or `bbox`): `[x1, y1, x2, y2]` in pixels of the original image;
-  * `points` (or `point`): `[[x, y], ...]` in pixels, with optional `labels`: `[1, 0, ...]` (1 = positive point);
-  * `mask`: path of a binary mask image (0/255) of the image's size, read when first needed.
-  A box, points or mask needs an image. Relative `image` and `mask` paths are resolved against `image_root`, or
-  the folder of the `.jsonl` file when the source sets none.
-* `subset` (optional): the subset the row belongs to; by default the source's `name`, else the file's stem.
-  One file may thus hold several subsets.
-* Row ids in error reports are `"<file name>:<line index>"`, the line index counted from 0 (line number - 1).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
-import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from virtue.errors import ConfigError, DataError, InputError, PromptError
-from virtue.inputs import EmbedInput, as_stored, parse_input
-from virtue.processing.text import DATASET_IMAGE_TOKEN, IMAGE_TOKEN, scar_train_query_text
-from virtue.prompts import Box, VisualPrompt
-from virtue.rows import BadRow, DeferredCheck, ImageHeaders, MaskFile, PolygonMask, deferred_failure
-from virtue.rows import BadValue as _BadValue
-from virtue.rows import check_image_tokens as _check_tokens
+from virtue.data.layouts import IMAGES_FOLDER, MMEB_SPLIT, MMEB_TRAIN_SUBSETS, original_shards
+from virtue.data.parquet import hf_rows, is_hf_dataset, iter_rows, open_parquet
+from virtue.data.rows import BadRow, BadValue, DeferredCheck, ImageHeaders, PolygonMask, deferred_failure
+from virtue.errors import ConfigError, DataError
+from virtue.inputs import as_stored
 from virtue.train.examples import TrainExample
+from virtue.train.formats import (
+    MMEB_COLUMNS,
+    SCAR_COLUMNS,
+    ImageBase,
+    RowContext,
+    Sides,
+    json_record,
+    jsonl_example,
+    mmeb_example,
+    record_subset,
+    scar_example,
+)
 
 __all__ = [
     "MMEB_TRAIN_SUBSETS", "BadRow", "DataSource", "DeferredCheck", "ImageHeaders", "PolygonMask", "Subset",
@@ -143,23 +121,7 @@ logger = logging.getLogger(__name__)
 
 KINDS = ("scar", "mmeb", "jsonl")
 ON_BAD_ROW = ("skip", "error")
-SCAR_COLUMNS = ("qry", "qry_image_path", "pos_text", "bbox")
-MMEB_COLUMNS = ("qry", "qry_image_path", "pos_text", "pos_image_path")
-JSONL_KEYS = ("query", "positive", "negatives", "subset")
-# The 20 subsets of the official MMEB-train recipe (virtue-spec §5.1, `train_mmeb.yaml`).
-MMEB_TRAIN_SUBSETS = (
-    "ImageNet_1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA",
-    "ChartQA", "Visual7W", "VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t",
-    "NIGHTS", "WebQA", "MSCOCO",
-)  # fmt: skip
-MMEB_SPLIT = "original"  # the split the official recipe trains on
-_SHARD = re.compile(rf"{MMEB_SPLIT}-(\d+)-of-(\d+)\.parquet")
-IMAGES_FOLDER = "images"
-# Files that mark a folder written by `datasets.Dataset.save_to_disk`.
-HF_DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 SHOWN_BAD_ROWS = 5
-
-Sides = tuple[EmbedInput, EmbedInput, tuple[EmbedInput, ...]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -300,12 +262,11 @@ def load_source(source: DataSource, *, on_bad_row: str = "skip", check_images: b
     if source.kind == "jsonl":
         for file in _flat_files(source, ".jsonl"):
             _read_jsonl(file, _context(source, file.parent), collector)
-    elif source.kind == "mmeb" and _is_hf_dataset(path):
+    elif source.kind == "mmeb" and is_hf_dataset(path):
         if source.subsets is not None:
             raise ConfigError(f"subsets: {path} holds a single subset; 'subsets' selects among a folder's")
         context = _context(source, path.parent)
-        _read_rows(source.name or path.stem, f"{path.name}:", _hf_rows(path, _required_columns(source)), context,
-                   collector)
+        _read_rows(source.name or path.stem, hf_rows(path, _required_columns(source)), context, collector)
     else:
         root = path if path.is_dir() else path.parent
         context = _context(source, root)
@@ -400,7 +361,7 @@ def _hub_subsets(root: Path) -> list[_SubsetFiles]:
     """TIGER-Lab/MMEB-train as cloned: one folder per subset; only its `original-*.parquet` shards are read."""
     found, other_splits = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        shards = _original_shards(folder)
+        shards = original_shards(folder)
         if shards:
             found.append(_SubsetFiles(folder.name, shards, prefix=f"{folder.name}/"))
         elif any(folder.glob("*.parquet")):
@@ -415,104 +376,40 @@ def _hub_subsets(root: Path) -> list[_SubsetFiles]:
     return found
 
 
-def _original_shards(folder: Path) -> tuple[Path, ...]:
-    """The `original-0000k-of-0000n.parquet` shards of a subset folder, in shard order, all n present."""
-    files = sorted(folder.glob(f"{MMEB_SPLIT}-*.parquet"))
-    shards: dict[int, Path] = {}
-    totals = set()
-    for file in files:
-        match = _SHARD.fullmatch(file.name)
-        if match is None:
-            raise ConfigError(f"{file}: unexpected shard name; expected {MMEB_SPLIT}-<k>-of-<n>.parquet")
-        shards[int(match[1])] = file
-        totals.add(int(match[2]))
-    if not shards:
-        return ()
-    total = max(totals)
-    if len(totals) != 1 or sorted(shards) != list(range(total)):
-        # A half-downloaded subset would otherwise train on part of its rows without a word.
-        raise ConfigError(f"{folder}: incomplete or inconsistent {MMEB_SPLIT} shards {[f.name for f in files]}; "
-                          f"expected {MMEB_SPLIT}-00000-of-{total:05d}.parquet ... all {total}")
-    return tuple(shards[k] for k in range(total))
-
-
 def _required_columns(source: DataSource) -> tuple[str, ...]:
     columns = SCAR_COLUMNS if source.kind == "scar" else MMEB_COLUMNS
     return (*columns, "neg_text") if source.hard_negatives else columns
 
 
-def _check_columns(path: Path, present: Iterable[str], required: Sequence[str]) -> None:
-    missing = [c for c in required if c not in set(present)]
-    if missing:
-        raise DataError(f"{path}: missing required column(s) {missing}")
-
-
-def _parquet_rows(path: Path, source: DataSource) -> Iterator[dict[str, Any]]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise ConfigError(f"path: reading {path} needs pyarrow (pip install pyarrow)") from None
-    try:
-        file = pq.ParquetFile(path)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read as parquet ({exc})") from exc
+def _parquet_rows(path: Path, label: str, source: DataSource) -> Iterator[tuple[str, dict[str, Any]]]:
     required = _required_columns(source)
-    _check_columns(path, file.schema_arrow.names, required)
     optional = ("segmentation",) if source.masks else ()
-    wanted = dict.fromkeys((*required, *optional, "neg_text", "neg_image_path"))
-    columns = [c for c in wanted if c in file.schema_arrow.names]
+    parquet = open_parquet(path, required, (*optional, "neg_text", "neg_image_path"), label=label, name_found=False)
     # Batches, not the whole table: with `limit` a 400k-row subset is only read up to its first N good rows.
-    return (row for batch in file.iter_batches(1024, columns=columns) for row in batch.to_pylist())
+    return iter_rows(parquet, batch_size=1024)
 
 
-def _read_parquet_subset(subset: _SubsetFiles, context: _Context, collector: _Collector) -> None:
+def _read_parquet_subset(subset: _SubsetFiles, context: RowContext, collector: _Collector) -> None:
     collector.open(subset.name)
     for file in subset.files:
         if collector.full(subset.name):
             return
-        rows = _parquet_rows(file, collector.source)
-        _read_rows(subset.name, f"{subset.prefix}{file.name}:", rows, context, collector)
-
-
-def _is_hf_dataset(path: Path) -> bool:
-    if path.is_file():
-        return path.suffix == ".arrow"
-    return path.is_dir() and any((path / marker).is_file() for marker in HF_DATASET_MARKERS)
-
-
-def _hf_rows(path: Path, required: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """Rows of a `datasets` folder (`save_to_disk`) or `.arrow` file; `datasets` is an optional dependency."""
-    try:
-        import datasets  # type: ignore[import-not-found]
-    except ImportError:
-        raise ConfigError(
-            f"path: {path} is a Hugging Face `datasets` file or folder; install `datasets` (pip install datasets) "
-            "or convert it to parquet"
-        ) from None
-    data = datasets.Dataset.from_file(str(path)) if path.is_file() else datasets.load_from_disk(str(path))
-    if isinstance(data, datasets.DatasetDict):
-        splits = list(data)
-        # MMEB-train's subsets are loaded with split="original" (virtue-spec §5.1).
-        split = MMEB_SPLIT if MMEB_SPLIT in data else splits[0] if len(splits) == 1 else None
-        if split is None:
-            raise ConfigError(f"path: {path} holds the splits {splits}; expected '{MMEB_SPLIT}' or a single split")
-        data = data[split]
-    _check_columns(path, data.column_names, required)
-    yield from data
+        rows = _parquet_rows(file, f"{subset.prefix}{file.name}", collector.source)
+        _read_rows(subset.name, rows, context, collector)
 
 
 def _read_rows(
-    name: str, row_prefix: str, rows: Iterable[dict[str, Any]], context: _Context, collector: _Collector
+    name: str, rows: Iterable[tuple[str, dict[str, Any]]], context: RowContext, collector: _Collector
 ) -> None:
-    convert = _scar_example if collector.source.kind == "scar" else _mmeb_example
+    convert = scar_example if collector.source.kind == "scar" else mmeb_example
     collector.open(name)
-    for index, row in enumerate(rows):
+    for row_id, row in rows:
         if collector.full(name):
             break
-        collector.add(name, f"{row_prefix}{index}", partial(convert, row, context))
+        collector.add(name, row_id, partial(convert, row, context))
 
 
-def _read_jsonl(path: Path, context: _Context, collector: _Collector) -> None:
+def _read_jsonl(path: Path, context: RowContext, collector: _Collector) -> None:
     default = collector.source.name or path.stem
     with path.open(encoding="utf-8") as lines:
         for index, line in enumerate(lines):
@@ -520,14 +417,14 @@ def _read_jsonl(path: Path, context: _Context, collector: _Collector) -> None:
                 continue
             row_id = f"{path.name}:{index}"
             try:
-                record = _json_record(line)
-                name = _record_subset(record, default)
-            except _BadValue as bad:
+                record = json_record(line)
+                name = record_subset(record, default)
+            except BadValue as bad:
                 collector.reject(BadRow(default, row_id, bad.column, bad.reason))
                 continue
             collector.open(name)
             if not collector.full(name):
-                collector.add(name, row_id, partial(_jsonl_example, record, context))
+                collector.add(name, row_id, partial(jsonl_example, record, context))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -557,7 +454,7 @@ class _Collector:
         checks: list[DeferredCheck] = []
         try:
             query, positive, negatives = convert(checks)
-        except _BadValue as bad:
+        except BadValue as bad:
             self.reject(BadRow(name, row_id, bad.column, bad.reason))
             return
         # Dataset boxes are in stored pixels: the images are read as stored, without EXIF rotation.
@@ -597,223 +494,14 @@ class _Collector:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Row checks shared by every format
+# Where a source's images are
 
 
-@dataclass(frozen=True)
-class _ImageBase:
-    """Where relative image paths live: `root`, or `images` for paths that do not start with `images/`."""
-
-    root: Path
-    images: Path | None = None
-
-    def resolve(self, value: str) -> Path:
-        relative = PurePath(value)
-        if self.images is not None and not relative.is_absolute() and relative.parts[:1] != (IMAGES_FOLDER,):
-            return self.images / relative
-        return self.root / relative
-
-
-@dataclass(frozen=True)
-class _Context:
-    base: _ImageBase
-    hard_negatives: int
-    masks: bool = False
-
-    def image(self, value: Any, column: str, checks: list[DeferredCheck]) -> Path:
-        """The resolved path; its existence and header are checked later (`DeferredCheck` with no part)."""
-        if not isinstance(value, str) or not value.strip():
-            raise _BadValue(column, f"expected an image path, got {value!r}")
-        path = self.base.resolve(value)
-        checks.append(DeferredCheck(column, path))
-        return path
-
-
-def _context(source: DataSource, folder: Path) -> _Context:
+def _context(source: DataSource, folder: Path) -> RowContext:
     if source.image_root is not None:
-        base = _ImageBase(Path(source.image_root))
+        base = ImageBase(Path(source.image_root))
     else:
         images = folder / IMAGES_FOLDER
         use_images = source.kind != "jsonl" and images.is_dir()
-        base = _ImageBase(folder, images if use_images else None)
-    return _Context(base, source.hard_negatives, source.masks)
-
-
-def _text(value: Any, column: str) -> str:
-    if not isinstance(value, str):
-        raise _BadValue(column, f"expected a string, got {type(value).__name__}")
-    if not value.strip():
-        raise _BadValue(column, "empty text")
-    return value
-
-
-def _numbers(value: Any) -> list[float] | None:
-    """The value as a list of finite numbers, or None when it is not one."""
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)):
-        return None
-    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
-    return list(value) if ok else None
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def _first_negatives(values: list[Any], count: int, column: str) -> list[Any]:
-    if len(values) < count:
-        raise _BadValue(column, f"{len(values)} negative(s), but hard_negatives={count}")
-    return values[:count]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# SCaR-train
-
-
-def _bbox_xyxy(value: Any) -> tuple[float, float, float, float]:
-    """COCO [x, y, w, h] -> [x1, y1, x2, y2], keeping ints as ints (they are printed into the query text)."""
-    numbers = _numbers(value)
-    if numbers is None or len(numbers) != 4:
-        raise _BadValue("bbox", f"expected 4 numbers [x, y, w, h], got {value!r}")
-    x, y, w, h = numbers
-    if w <= 0 or h <= 0:
-        raise _BadValue("bbox", f"zero-area box [x, y, w, h] = {numbers}")
-    return x, y, x + w, y + h
-
-
-def _polygon_mask(value: Any, image: Path) -> PolygonMask | None:
-    """The format of COCO polygons; their bounds need the image's size and are a deferred check."""
-    rings = _as_list(value)
-    if not rings:
-        return None  # null / [] = no segmentation, as in the released SCaR files
-    for ring in rings:
-        numbers = _numbers(ring)
-        if numbers is None or len(numbers) < 6 or len(numbers) % 2:
-            raise _BadValue("segmentation", "expected COCO polygons [[x1, y1, x2, y2, x3, y3, ...], ...]")
-    return PolygonMask(rings, image=image)
-
-
-def _scar_example(row: dict[str, Any], context: _Context, checks: list[DeferredCheck]) -> Sides:
-    qry = _text(row.get("qry"), "qry")
-    pos_text = _text(row.get("pos_text"), "pos_text")
-    xyxy = _bbox_xyxy(row.get("bbox"))
-    image = context.image(row.get("qry_image_path"), "qry_image_path", checks)
-    box = Box.from_xyxy(xyxy)
-    checks.append(DeferredCheck("bbox", image, box))
-    # virtue-spec §5.2: the official query gets the box only (to SAM and in the text); `masks` adds the polygon.
-    mask = _polygon_mask(row.get("segmentation"), image) if context.masks else None
-    if mask is not None:
-        checks.append(DeferredCheck("segmentation", image, mask))
-    query = EmbedInput(text=scar_train_query_text(qry, xyxy), image=image, prompt=VisualPrompt(box=box, mask=mask))
-    _check_tokens(query, "qry")
-    positive = EmbedInput(text=pos_text)
-    _check_tokens(positive, "pos_text")
-    negatives = _first_negatives(_as_list(row.get("neg_text")), context.hard_negatives, "neg_text")
-    return query, positive, tuple(EmbedInput(text=_text(t, "neg_text")) for t in negatives)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# MMEB-train
-
-
-def _mmeb_side(
-    text: Any, image_path: Any, columns: tuple[str, str], context: _Context, checks: list[DeferredCheck]
-) -> EmbedInput:
-    text_column, image_column = columns
-    if text is not None and not isinstance(text, str):
-        raise _BadValue(text_column, f"expected a string, got {type(text).__name__}")
-    image = None
-    if image_path is not None and image_path != "":  # an empty path is a text-only side
-        image = context.image(image_path, image_column, checks)
-    elif text is None or not text.strip():
-        raise _BadValue(text_column, "empty text and no image")
-    side = EmbedInput(text=None if text is None else text.replace(DATASET_IMAGE_TOKEN, IMAGE_TOKEN), image=image)
-    _check_tokens(side, text_column)
-    return side
-
-
-def _mmeb_example(row: dict[str, Any], context: _Context, checks: list[DeferredCheck]) -> Sides:
-    side = partial(_mmeb_side, context=context, checks=checks)
-    query = side(row.get("qry"), row.get("qry_image_path"), ("qry", "qry_image_path"))
-    positive = side(row.get("pos_text"), row.get("pos_image_path"), ("pos_text", "pos_image_path"))
-    texts = _first_negatives(_as_list(row.get("neg_text")), context.hard_negatives, "neg_text")
-    images = _as_list(row.get("neg_image_path"))[: len(texts)]
-    images += [None] * (len(texts) - len(images))
-    negatives = tuple(side(t, i, ("neg_text", "neg_image_path")) for t, i in zip(texts, images, strict=True))
-    return query, positive, negatives
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# JSON lines
-
-
-def _json_record(line: str) -> dict[str, Any]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise _BadValue("json", f"invalid JSON ({exc})") from None
-    if not isinstance(record, dict):
-        raise _BadValue("json", f"expected an object per line, got {type(record).__name__}")
-    return record
-
-
-def _record_subset(record: dict[str, Any], default: str) -> str:
-    name = record.get("subset", default)
-    if not isinstance(name, str) or not name.strip():
-        raise _BadValue("subset", f"expected a non-empty string, got {name!r}")
-    return name
-
-
-def _jsonl_side(value: Any, column: str, context: _Context, checks: list[DeferredCheck]) -> EmbedInput:
-    if isinstance(value, dict):
-        value = dict(value)
-        image = value.get("image")
-        if image is not None:
-            if not isinstance(image, str) or not image.strip():
-                raise _BadValue(f"{column}.image", f"expected an image path, got {image!r}")
-            value["image"] = context.base.resolve(image)
-        if isinstance(value.get("mask"), str):
-            value["mask"] = MaskFile(context.base.resolve(value["mask"]))  # read by its deferred check
-    elif not isinstance(value, str):
-        raise _BadValue(column, f"expected an object or a string, got {type(value).__name__}")
-    try:
-        side = parse_input(value)
-    except InputError as exc:
-        raise _BadValue(column, str(exc).removeprefix("input 0: ")) from None
-    box = side.prompt.box if side.prompt is not None else None
-    if box is not None:
-        try:
-            box.check_shape()  # needs no image: checked now
-        except PromptError as exc:
-            raise _BadValue(f"{column}.box", str(exc)) from None
-    if side.image is not None:
-        image = Path(side.image)
-        checks.append(DeferredCheck(f"{column}.image", image))
-        for name in ("box", "points", "mask"):
-            part = getattr(side.prompt, name, None)
-            if part is not None:
-                checks.append(DeferredCheck(f"{column}.{name}", image, part))
-    _check_tokens(side, f"{column}.text")
-    return side
-
-
-def _jsonl_example(record: dict[str, Any], context: _Context, checks: list[DeferredCheck]) -> Sides:
-    unknown = sorted(set(record) - set(JSONL_KEYS))
-    if unknown:
-        raise _BadValue(unknown[0], f"unknown key(s) {unknown}; allowed: {list(JSONL_KEYS)}")
-    for key in ("query", "positive"):
-        if key not in record:
-            raise _BadValue(key, "missing")
-    query = _jsonl_side(record["query"], "query", context, checks)
-    positive = _jsonl_side(record["positive"], "positive", context, checks)
-    given = record.get("negatives", [])
-    if not isinstance(given, list):
-        raise _BadValue("negatives", f"expected a list, got {type(given).__name__}")
-    chosen = _first_negatives(given, context.hard_negatives, "negatives")
-    negatives = tuple(_jsonl_side(n, f"negatives[{i}]", context, checks) for i, n in enumerate(chosen))
-    return query, positive, negatives
+        base = ImageBase(folder, images if use_images else None)
+    return RowContext(base, source.hard_negatives, source.masks)

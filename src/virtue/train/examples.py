@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from virtue.data.rows import BadRow, DeferredCheck
 from virtue.inputs import EmbedInput
-from virtue.rows import BadRow, DeferredCheck
 
 __all__ = ["BadRow", "DeferredCheck", "TrainExample"]
 

@@ -26,9 +26,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from virtue.data.rows import BadRow, ImageHeaders
 from virtue.errors import DataError, InputError
 from virtue.processing.batch import VirtueProcessor
-from virtue.rows import BadRow
 from virtue.train.examples import TrainExample
 from virtue.train.gradcache import ContrastiveBatch
 from virtue.train.sampler import SubsetBatchSampler, shard
@@ -146,7 +146,7 @@ class PreparedBatches(Dataset):
                         f"{min(MAX_REPLACEMENTS, len(examples))} tries; check image_root and the data files")
 
     def _prepare(self, example: TrainExample, done: dict) -> tuple[BadRow | None, TrainExample]:
-        from virtue.train.data import ImageHeaders, run_deferred_checks
+        from virtue.train.data import run_deferred_checks
 
         if example.deferred:
             if self._sizes is None:
@@ -209,7 +209,7 @@ def find_bad_images(subsets: Subsets, mode: str, *, on_bad_row: str, show_progre
                     threads: int = 16) -> ImageCheckResult:
     """Run the deferred image checks up front: all of them (`eager`) or the first LAZY_SAMPLE rows of each subset
     (`lazy`: the workers check the rest when drawn). `auto`: eager up to AUTO_EAGER_LIMIT rows."""
-    from virtue.train.data import ImageHeaders, run_deferred_checks
+    from virtue.train.data import run_deferred_checks
 
     total = sum(len(ex) for ex, _ in subsets.values())
     eager = mode == "eager" or (mode == "auto" and total <= AUTO_EAGER_LIMIT)

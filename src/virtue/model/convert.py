@@ -1,4 +1,8 @@
-"""Official released layout -> library layout, weights converted to safetensors with their dtypes kept."""
+"""Official released layout -> library layout, weights converted to safetensors with their dtypes kept.
+
+Here, above `checkpoints`, because the conversion checks the official weights against the model they must load
+into (keys and shapes, on the meta device: nothing is allocated) before anything is written.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +11,9 @@ from pathlib import Path
 import torch
 
 from virtue.checkpoints.loading import read_checkpoint
-from virtue.checkpoints.native import check_state_dict, save_native
+from virtue.checkpoints.native import check_new_destination, check_state_dict, save_native
 from virtue.errors import CheckpointError
-
-
-def check_new_destination(dst: Path) -> None:
-    """Refuse to write a model into `dst` if it exists and is not an empty directory."""
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise CheckpointError(f"{dst}: exists and is not empty; choose a new directory")
+from virtue.model.embedder import VirtueModel
 
 
 def convert_checkpoint(
@@ -28,8 +27,6 @@ def convert_checkpoint(
     ckpt = read_checkpoint(src, sam_checkpoint=sam_checkpoint, allow_hub=allow_hub)
     if ckpt.layout != "official":
         raise CheckpointError(f"{src}: already in the library layout; nothing to convert")
-    from virtue.model.embedder import VirtueModel
-
     with torch.device("meta"):  # keys and shapes checked without allocating the weights
         skeleton = VirtueModel(ckpt.config, ckpt.tokenizer)
     check_state_dict(skeleton.state_dict(), ckpt.state_dict, ckpt.source)

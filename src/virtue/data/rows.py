@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
 from virtue.errors import ImageError, InputError, PromptError
+from virtue.images import read_image_size
 from virtue.inputs import EmbedInput, read_mask_file
 from virtue.processing.text import with_image_token
 from virtue.prompts import Box, Mask, Points
@@ -56,20 +57,6 @@ class DeferredCheck:
     column: str
     image: Path
     part: Box | Points | Mask | None = None
-
-
-def read_image_size(path: Path) -> tuple[int, int] | str:
-    """The (width, height) of an image file, from its header only, or why the file cannot be used."""
-    if not path.is_file():
-        return f"image file not found: {path}"
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-    except (UnidentifiedImageError, OSError) as exc:
-        return f"cannot read {path} as an image ({exc})"
-    if width == 0 or height == 0:
-        return f"image {path} is empty ({width}x{height})"
-    return width, height
 
 
 class ImageHeaders:

@@ -1,4 +1,4 @@
-"""The published datasets in the layout the readers read: `fetch` (`virtue data get`) and `check` (`virtue data check`).
+"""`virtue data get DATASET DEST`: the published datasets downloaded in the layout the readers read (`fetch`).
 
 `fetch(kind, dest)` downloads one dataset with `huggingface_hub.snapshot_download(repo_id, repo_type="dataset",
 local_dir=dest, allow_patterns=...)`: the hub repository's own layout, only the files the readers use. Running it
@@ -29,7 +29,7 @@ Layouts, as the hub lists them:
   `images/<Set>/...` relative to the clone. The archives to fetch are read off the downloaded rows (`<Set>` of each
   `images/<Set>/...` path; the subset's own name when no row has that form).
 * `TIGER-Lab/MMEB-eval`: `<Task>/test-00000-of-00001.parquet` per task and one `images.zip`, which every MMEB-eval
-  recipe unpacks with `unzip images.zip -d eval_images/` (`virtue.eval.mmeb_layout`).
+  recipe unpacks with `unzip images.zip -d eval_images/` (`virtue.data.layouts`).
 
 Archives are unpacked as `unzip -d` would (`unpack=False` prints the command instead); a member already there
 with its size is skipped, so an interrupted unpack resumes. The archives stay where the hub put them: deleting
@@ -41,63 +41,43 @@ COCO 2017, Visual Genome, ADE20K), where to download it, and where the folders m
 training reader looks there when `DEST/images/` exists, which `fetch` creates; `virtue eval --image-root
 DEST/images` for the evaluation files, unless the rows already start with `images/`).
 
-`check(kind, dest)` resolves every image path of every row as the reader does (`virtue.train.data.load_source` for
-the training sets, which it runs without opening an image; for the evaluation sets the task files `virtue eval`
-finds, `image_root / path` under the image root it would use) and reports, per subset, the rows, the images named,
-and each image that is missing or whose header cannot be read (`decode=True`: that cannot be decoded fully), with
-the first row and column naming it and how many other rows name it. Row ids are the readers' (`SCaR_eval_RefCOCOg
-.parquet:12`, `ImageNet_1K/original-00000-of-00001.parquet:3`). For the training sets it also lists the rows the
-reader drops for other reasons (empty texts, bad boxes); negatives' images are checked when `hard_negatives` asks
-for negatives, as training reads them only then.
+`virtue data check` (`virtue.apps.data_check`) then lists the images the rows name that are missing or unreadable.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 import shutil
 import zipfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from tqdm.auto import tqdm
 
+from virtue.data.layouts import (
+    ARCHIVES_FOLDER,
+    DATASETS,
+    IMAGES_FOLDER,
+    KINDS,
+    MMEB_EVAL_IMAGES,
+    MMEB_EVAL_ZIP,
+    MMEB_SPLIT,
+    MMEB_TRAIN_SUBSETS,
+    SCAR_SUBSETS,
+    mmeb_task_files,
+    original_shards,
+)
+from virtue.data.parquet import unique_paths
 from virtue.errors import ConfigError, DataError
 
-__all__ = ["DATASETS", "KINDS", "CheckReport", "FetchResult", "HubDataset", "Problem", "SubsetCheck", "check",
-           "fetch", "resolve_subsets", "unpack"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["FetchResult", "PhotoFolder", "check_kind", "default_subsets", "fetch", "resolve_subsets", "unpack"]
 
 Say = Callable[[str], None]
 
-KINDS = ("scar-eval", "scar-train", "mmeb-train", "mmeb-eval")
-IMAGES_FOLDER = "images"  # SCaR photos and MMEB-train's unpacked archives go here, under DEST
-ARCHIVES_FOLDER = "images_zip"  # MMEB-train's image archives on the hub
 SHOWN_FOLDERS = 8  # photo folders printed per SCaR subset
 
-
-@dataclass(frozen=True)
-class HubDataset:
-    """One published dataset: its hub repository and the column(s) of its rows that name images."""
-
-    kind: str
-    repo_id: str
-    title: str
-    image_columns: tuple[str, ...]
-
-
-DATASETS: dict[str, HubDataset] = {
-    "scar-eval": HubDataset("scar-eval", "Sony/SCaR-Eval", "SCaR evaluation", ("qry_image_path",)),
-    "scar-train": HubDataset("scar-train", "Sony/SCaR-Train", "SCaR training", ("qry_image_path",)),
-    "mmeb-train": HubDataset("mmeb-train", "TIGER-Lab/MMEB-train", "MMEB training",
-                             ("qry_image_path", "pos_image_path", "neg_image_path")),
-    "mmeb-eval": HubDataset("mmeb-eval", "TIGER-Lab/MMEB-eval", "MMEB evaluation", ("qry_img_path", "tgt_img_path")),
-}
 
 # Where SCaR's photos come from (virtue-spec §5.2: "fetched from RefCOCO+, RefCOCOg, COCO-Stuff, VisualGenome and
 # ADE20K"); the file names in the rows say which set of each (`_PHOTO_NAMES`).
@@ -126,12 +106,6 @@ _PHOTO_NAMES: tuple[tuple[re.Pattern[str], str], ...] = (
 # Subsets
 
 
-def _scar_suffixes() -> tuple[str, ...]:
-    from virtue.eval.datasets import SCAR_SUBSETS
-
-    return SCAR_SUBSETS
-
-
 def resolve_subsets(kind: str, names: Sequence[str] | None) -> tuple[str, ...] | None:
     """The subsets `names` as the hub names them, in order, without repeats.
 
@@ -140,7 +114,7 @@ def resolve_subsets(kind: str, names: Sequence[str] | None) -> tuple[str, ...] |
     task names (the folders), from task names or groups as `virtue eval --tasks` takes them. None stays None (every
     subset; `fetch` then takes `default_subsets`).
     """
-    _check_kind(kind)
+    check_kind(kind)
     if names is None:
         return None
     if isinstance(names, str) or not names or not all(isinstance(n, str) and n.strip() for n in names):
@@ -151,7 +125,7 @@ def resolve_subsets(kind: str, names: Sequence[str] | None) -> tuple[str, ...] |
 
     if kind == "mmeb-eval":
         return tuple(dict.fromkeys(t.file_stem for t in get_tasks(list(names), benchmark="mmeb")))
-    suffixes = _scar_suffixes()
+    suffixes = SCAR_SUBSETS
     chosen: list[str] = []
     for name in names:
         key = name.strip()
@@ -173,19 +147,18 @@ def resolve_subsets(kind: str, names: Sequence[str] | None) -> tuple[str, ...] |
 def default_subsets(kind: str) -> tuple[str, ...]:
     """What `fetch` downloads when no subset is named: every SCaR subset, MMEB-train's 20 recipe subsets, the 36
     MMEB-eval tasks."""
-    _check_kind(kind)
+    check_kind(kind)
     if kind in ("scar-eval", "scar-train"):
-        return _scar_suffixes()
+        return SCAR_SUBSETS
     if kind == "mmeb-train":
-        from virtue.train.data import MMEB_TRAIN_SUBSETS
-
         return MMEB_TRAIN_SUBSETS
     from virtue.eval.tasks import get_tasks
 
     return tuple(t.file_stem for t in get_tasks(None, benchmark="mmeb"))
 
 
-def _check_kind(kind: str) -> None:
+def check_kind(kind: str) -> None:
+    """ConfigError unless `kind` is one of `KINDS`."""
     if kind not in DATASETS:
         raise ConfigError(f"dataset: expected one of {list(KINDS)}, got {kind!r}")
 
@@ -240,7 +213,7 @@ def fetch(
     unpack_archives: unpack them where the readers look; False prints the `unzip` commands instead.
     repo_id: another repository with the same layout (a mirror, a fork).
     """
-    _check_kind(kind)
+    check_kind(kind)
     spec = DATASETS[kind]
     dest = Path(dest)
     if dest.exists() and not dest.is_dir():
@@ -251,14 +224,14 @@ def fetch(
     dest.mkdir(parents=True, exist_ok=True)
     result.patterns = _parquet_patterns(kind, chosen)
     if kind == "mmeb-eval" and images:
-        result.patterns.append(_mmeb_eval_zip())
+        result.patterns.append(MMEB_EVAL_ZIP)
     _snapshot(result.repo_id, dest, result.patterns, revision, say)
     found = _present_subsets(kind, dest, chosen)
     result.missing_subsets = [s for s in chosen if s not in found]
     if not found:
         asked = result.patterns if len(result.patterns) <= 6 else [*result.patterns[:3], "..."]
         raise DataError(f"{result.repo_id}: no file matched {asked} in the repository; its layout may have changed "
-                        "(see `virtue.hub_data`)")
+                        "(see `virtue.apps.data_fetch`)")
     if result.missing_subsets:
         message = f"{result.repo_id} holds no files for {result.missing_subsets}"
         if named is not None:
@@ -280,16 +253,8 @@ def _parquet_patterns(kind: str, subsets: Sequence[str]) -> list[str]:
     if kind == "scar-train":
         return [f"SCAR_{s}.parquet" for s in subsets]
     if kind == "mmeb-train":
-        from virtue.train.data import MMEB_SPLIT
-
         return [f"{s}/{MMEB_SPLIT}-*.parquet" for s in subsets]
     return [f"{s}/test-*.parquet" for s in subsets]
-
-
-def _mmeb_eval_zip() -> str:
-    from virtue.eval.mmeb_layout import IMAGES_ZIP
-
-    return IMAGES_ZIP
 
 
 def _snapshot(repo_id: str, dest: Path, patterns: Sequence[str], revision: str | None, say: Say) -> None:
@@ -314,12 +279,8 @@ def _present_subsets(kind: str, dest: Path, subsets: Sequence[str]) -> dict[str,
         elif kind == "scar-train":
             files = [dest / f"SCAR_{subset}.parquet"]
         elif kind == "mmeb-train":
-            from virtue.train.data import _original_shards
-
-            files = list(_original_shards(dest / subset))
+            files = list(original_shards(dest / subset))
         else:
-            from virtue.eval.mmeb_layout import mmeb_task_files
-
             files = mmeb_task_files(dest, subset)
         files = [f for f in files if f.is_file()]
         if files:
@@ -331,7 +292,7 @@ def _scar_photos(result: FetchResult, found: dict[str, list[Path]], say: Say) ->
     """Say where each subset's photos come from and where their folders must go (module docstring)."""
     dest = result.dest
     (dest / IMAGES_FOLDER).mkdir(exist_ok=True)  # the training reader resolves rows under it once it exists
-    values = {subset: _unique_paths(files, "qry_image_path") for subset, files in found.items()}
+    values = {subset: unique_paths(files, "qry_image_path") for subset, files in found.items()}
     prefixed = sum(_under_images(v) for paths in values.values() for v in paths)
     total = sum(len(paths) for paths in values.values())
     if result.kind == "scar-eval":
@@ -414,7 +375,7 @@ def _mmeb_train_sets(found: dict[str, list[Path]]) -> list[str]:
     sets: dict[str, None] = {}
     columns = DATASETS["mmeb-train"].image_columns
     for subset, files in found.items():
-        named = {PurePosixPath(v).parts[1] for f in files for v in _unique_paths([f], *columns)
+        named = {PurePosixPath(v).parts[1] for f in files for v in unique_paths([f], *columns)
                  if _under_images(v) and len(PurePosixPath(v).parts) > 2}
         for name in sorted(named) or [subset]:
             sets[name] = None
@@ -422,20 +383,18 @@ def _mmeb_train_sets(found: dict[str, list[Path]]) -> list[str]:
 
 
 def _mmeb_eval_images(result: FetchResult, images: bool, unpack_archives: bool, progress: bool, say: Say) -> None:
-    from virtue.eval.mmeb_layout import IMAGE_FOLDER, IMAGES_ZIP
-
     dest = result.dest
     if not images:
-        say(f"images not downloaded (--no-images): fetch {IMAGES_ZIP} from {result.repo_id} and unpack it into "
-            f"{dest / IMAGE_FOLDER}/")
+        say(f"images not downloaded (--no-images): fetch {MMEB_EVAL_ZIP} from {result.repo_id} and unpack it into "
+            f"{dest / MMEB_EVAL_IMAGES}/")
         return
-    archive = dest / IMAGES_ZIP
+    archive = dest / MMEB_EVAL_ZIP
     if not archive.is_file():
-        result.missing_archives = [IMAGES_ZIP]
-        say(f"warning: {result.repo_id} holds no {IMAGES_ZIP}; pass --image-root to the folder holding its images")
+        result.missing_archives = [MMEB_EVAL_ZIP]
+        say(f"warning: {result.repo_id} holds no {MMEB_EVAL_ZIP}; pass --image-root to the folder holding its images")
         return
     result.archives = [archive]
-    _unpack_all(result, dest / IMAGE_FOLDER, unpack_archives, progress, say)
+    _unpack_all(result, dest / MMEB_EVAL_IMAGES, unpack_archives, progress, say)
 
 
 def _unpack_all(result: FetchResult, into: Path, unpack_archives: bool, progress: bool, say: Say) -> None:
@@ -488,269 +447,3 @@ def _say_next(result: FetchResult, say: Say) -> None:
     else:
         source = "scar" if result.kind == "scar-train" else "mmeb"
         say(f"  training config: data.sources: [{{kind: {source}, path: {dest}}}]")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Rows' image paths
-
-
-def _row_values(
-    files: Sequence[Path],
-    columns: Sequence[str],
-    *,
-    labels: Sequence[str] | None = None,
-    required: Sequence[str] = (),
-    limit: int | None = None,
-) -> Iterator[tuple[str, list[tuple[str, Any]]]]:
-    """Per row of the parquet files, read as `virtue.eval.datasets` reads them (row ids `<label>:<row>`, label
-    default the file name; `limit` rows over all files; `required` columns, a `DataError` when one is missing), its
-    id and the (column, value) pairs of `columns` present in the file; a list column gives one pair per item, named
-    `column[k]`."""
-    from virtue.eval.datasets import _open_parquet, _rows, _Source
-
-    labels = [f.name for f in files] if labels is None else labels
-    sources = []
-    for file, label in zip(files, labels, strict=True):
-        parquet, present = _open_parquet(file, required, [c for c in columns if c not in required])
-        sources.append(_Source(parquet, present, label))
-    for row_id, row in _rows(sources, limit):
-        pairs: list[tuple[str, Any]] = []
-        for column in columns:
-            if column not in row:
-                continue
-            value = row[column]
-            if isinstance(value, list):
-                pairs.extend((f"{column}[{k}]", item) for k, item in enumerate(value))
-            else:
-                pairs.append((column, value))
-        yield row_id, pairs
-
-
-def _unique_paths(files: Iterable[Path], *columns: str) -> list[str]:
-    """The distinct non-empty string paths of `columns`, in row order."""
-    seen: dict[str, None] = {}
-    for _, pairs in _row_values(list(files), columns):
-        for _, value in pairs:
-            if isinstance(value, str) and value.strip():
-                seen.setdefault(value, None)
-    return list(seen)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Check
-
-
-@dataclass(frozen=True)
-class Problem:
-    """An image that a row names and that cannot be used.
-
-    kind: "missing" (no such file), "unreadable" (its header, or with `decode` its pixels, cannot be read) or
-        "bad path" (the row's value is not an image path).
-    row_id / column: the first row naming it; `other_rows`: how many more references name it.
-    """
-
-    kind: str
-    subset: str
-    row_id: str
-    column: str
-    path: str
-    reason: str
-    other_rows: int = 0
-
-    def __str__(self) -> str:
-        more = f" (and {self.other_rows} more reference{'s' if self.other_rows > 1 else ''})" if self.other_rows else ""
-        return f"{self.kind}: {self.subset} row {self.row_id}, column {self.column!r}: {self.reason}{more}"
-
-
-@dataclass
-class SubsetCheck:
-    """One subset's rows and images, and what is wrong with them."""
-
-    name: str
-    rows: int = 0
-    references: int = 0
-    images: int = 0
-    problems: list[Problem] = field(default_factory=list)
-    missing_folders: dict[str, int] = field(default_factory=dict)  # folder not found -> images named in it
-    dropped_rows: list[Any] = field(default_factory=list)  # `BadRow`s a training reader drops for other reasons
-
-    def count(self, kind: str) -> int:
-        return sum(p.kind == kind for p in self.problems)
-
-
-@dataclass
-class CheckReport:
-    kind: str
-    dest: Path
-    image_root: Path | None
-    decode: bool
-    subsets: list[SubsetCheck] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not any(s.problems for s in self.subsets)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "dataset": self.kind, "dest": str(self.dest),
-            "image_root": None if self.image_root is None else str(self.image_root), "decode": self.decode,
-            "ok": self.ok,
-            "subsets": [{
-                "name": s.name, "rows": s.rows, "image_references": s.references, "images": s.images,
-                "missing": s.count("missing"), "unreadable": s.count("unreadable"), "bad_paths": s.count("bad path"),
-                "missing_folders": s.missing_folders,
-                "problems": [p.__dict__ for p in s.problems],
-                "dropped_rows": [b.__dict__ for b in s.dropped_rows],
-            } for s in self.subsets],
-        }  # fmt: skip
-
-
-# A reference: (row id, column, resolved image path, or None with the reason the value is not a path).
-_Ref = tuple[str, str, Path | None, str]
-
-
-def check(
-    kind: str,
-    dest: str | Path,
-    *,
-    image_root: str | Path | None = None,
-    subsets: Sequence[str] | None = None,
-    decode: bool = False,
-    hard_negatives: int = 0,
-    limit: int | None = None,
-    workers: int = 8,
-    progress: bool = True,
-) -> CheckReport:
-    """Every image the rows of dataset `kind` under `dest` name, checked as the readers would find it (module
-    docstring).
-
-    image_root: as the reader's (`--image-root`, `image_root:`); default the reader's default.
-    subsets: the subsets to check (`resolve_subsets`); default every one found under `dest`.
-    decode: decode every image fully instead of reading its header (slower; finds truncated files).
-    hard_negatives: training sets: also check the first N negatives' images, as training with N negatives reads.
-    limit: the first N rows of each subset (training sets: N good rows, as the reader's `limit`).
-    workers: threads reading images.
-    """
-    _check_kind(kind)
-    dest = Path(dest)
-    if not dest.is_dir():
-        raise ConfigError(f"{kind}: folder not found: {dest}")
-    if workers < 1:
-        raise ConfigError(f"workers: expected an integer >= 1, got {workers}")
-    named = resolve_subsets(kind, subsets)
-    root = Path(image_root) if image_root is not None else None
-    report = CheckReport(kind, dest, root, decode)
-    if kind in ("scar-train", "mmeb-train"):
-        parts = _train_references(kind, dest, root, named, hard_negatives, limit)
-    else:
-        parts = _eval_references(kind, dest, root, named, limit)
-    for subset, refs in parts:
-        _check_subset(subset, refs, decode, workers, progress)
-        report.subsets.append(subset)
-    return report
-
-
-def _train_references(
-    kind: str, dest: Path, image_root: Path | None, subsets: tuple[str, ...] | None, hard_negatives: int,
-    limit: int | None,
-) -> Iterator[tuple[SubsetCheck, Iterator[_Ref]]]:
-    """The training reader's own rows and resolved paths: `load_source(..., check_images=False)` opens no image and
-    leaves each row's image checks on the example (`DeferredCheck`s without a prompt part: the files)."""
-    from virtue.train.data import DataSource, load_source
-
-    if kind == "scar-train" and subsets is not None:
-        subsets = tuple(f"SCAR_{s}" for s in subsets)
-    source = DataSource(kind="scar" if kind == "scar-train" else "mmeb", path=str(dest),
-                        image_root=None if image_root is None else str(image_root), subsets=subsets,
-                        hard_negatives=hard_negatives, limit=limit)
-    for subset in load_source(source, on_bad_row="skip", check_images=False):
-        refs = ((e.row_id, c.column, c.image, "") for e in subset.examples for c in e.deferred if c.part is None)
-        rows = len(subset.examples) + len(subset.bad_rows)
-        yield SubsetCheck(subset.name, rows=rows, dropped_rows=list(subset.bad_rows)), refs
-
-
-def _eval_references(
-    kind: str, dest: Path, image_root: Path | None, subsets: tuple[str, ...] | None, limit: int | None
-) -> Iterator[tuple[SubsetCheck, Iterator[_Ref]]]:
-    """The task files `virtue eval` finds under `dest` (`available_tasks`) and its image root (`--image-root`, else
-    SCaR: the data root; MMEB: `mmeb_image_root`), each row's path joined to it as the evaluation reader does."""
-    from virtue.eval.runner import EvalConfig, available_tasks, task_files
-
-    benchmark = "scar" if kind == "scar-eval" else "mmeb"
-    cfg = EvalConfig(benchmark=benchmark, data_root=str(dest), tasks=subsets,
-                     image_root=None if image_root is None else str(image_root))
-    for task in available_tasks(cfg):
-        files, root = task_files(task, cfg)
-        labels = [files[0].name] if benchmark == "scar" else [f.relative_to(dest).as_posix() for f in files]
-        subset = SubsetCheck(task.name)
-        yield subset, _eval_refs(subset, files, labels, root, benchmark, limit)
-
-
-def _eval_refs(
-    subset: SubsetCheck, files: Sequence[Path], labels: Sequence[str], root: Path, benchmark: str, limit: int | None
-) -> Iterator[_Ref]:
-    """Row ids `<label>:<row>` counted per file, `limit` over all files, as `virtue.eval.datasets` counts them."""
-    columns = DATASETS["scar-eval" if benchmark == "scar" else "mmeb-eval"].image_columns
-    for row_id, pairs in _row_values(files, columns, labels=labels, required=columns[:1], limit=limit):
-        subset.rows += 1
-        for column, value in pairs:
-            if isinstance(value, str) and value.strip():
-                yield row_id, column, root / value, ""
-            elif benchmark == "scar":  # a SCaR query always has an image; an empty MMEB path is a text-only side
-                yield row_id, column, None, f"expected an image path, got {value!r}"
-            elif value is not None and not isinstance(value, str):
-                yield row_id, column, None, f"expected an image path or '', got {value!r}"
-
-
-def _check_subset(subset: SubsetCheck, refs: Iterator[_Ref], decode: bool, workers: int, progress: bool) -> None:
-    first: dict[Path, tuple[str, str]] = {}
-    counts: Counter[Path] = Counter()
-    bad_values: list[Problem] = []
-    for row_id, column, path, reason in refs:
-        subset.references += 1
-        if path is None:
-            bad_values.append(Problem("bad path", subset.name, row_id, column, "", reason))
-            continue
-        first.setdefault(path, (row_id, column))
-        counts[path] += 1
-    subset.images = len(first)
-    inspect = _decode_failure if decode else _header_failure
-    paths = list(first)
-    with ThreadPoolExecutor(workers) as pool:
-        failures = list(tqdm(pool.map(inspect, paths), total=len(paths), desc=f"check {subset.name}", unit="img",
-                             disable=not progress or not paths, leave=False))
-    problems = list(bad_values)
-    for path, failure in zip(paths, failures, strict=True):
-        if failure is None:
-            continue
-        kind, reason = failure
-        row_id, column = first[path]
-        problems.append(Problem(kind, subset.name, row_id, column, str(path), reason, counts[path] - 1))
-        if kind == "missing" and not path.parent.is_dir():
-            subset.missing_folders[str(path.parent)] = subset.missing_folders.get(str(path.parent), 0) + 1
-    subset.problems = problems
-
-
-def _header_failure(path: Path) -> tuple[str, str] | None:
-    """The readers' own check (`virtue.rows.read_image_size`): the file exists and its header gives a size."""
-    from virtue.rows import read_image_size
-
-    size = read_image_size(path)
-    if isinstance(size, str):
-        return ("missing" if not path.is_file() else "unreadable"), size
-    return None
-
-
-def _decode_failure(path: Path) -> tuple[str, str] | None:
-    """The header check, then every pixel decoded (`virtue.processing.images.load_image`)."""
-    from virtue.errors import ImageError
-    from virtue.processing.images import load_image
-
-    failure = _header_failure(path)
-    if failure is not None:
-        return failure
-    try:
-        load_image(path, str(path)).close()
-    except ImageError as exc:
-        return "unreadable", str(exc)
-    return None
