@@ -1,159 +1,141 @@
-"""Embedding throughput: our `VirtueModel.encode` (image features reused across the prompts of a photo, images
-preprocessed ahead of the model by a worker thread) against the per-row path of the official pipeline (every row
-computes its own image features, images read in turn), side by side in one run, on models with random weights
-built from a preset (nothing downloaded).
+"""Embedding throughput, three paths side by side in one run, on models with random weights built from a preset
+(nothing downloaded):
+
+* **ours**: `VirtueModel.encode` as users call it (image features reused across the prompts of a photo, images
+  preprocessed ahead of the model by a worker thread, batches planned by size).
+* **encode, reuse+prefetch off**: the same `encode` with `reuse_image_features=False, num_workers=0`: this
+  package's batching, size ordering and checks, every row computing its own image features, images read in turn.
+  It isolates what those two switches buy; it is not the official pipeline.
+* **official-like**: what the official implementation does for SCaR queries (`official_pipeline.py`, written from
+  the spec: per row the 1344² squash, the ViT and SAM2's image encoder for every row, SAM's input made on the CPU,
+  batches of 16 in input order, the LLM with the cache and all hidden states kept and the LM-head logits over the
+  vocabulary computed at every position). Its vectors equal `encode`'s (checked in the smoke test).
+  `--official-without-head` adds it once more without the LM head ("official-like, LM head skipped"): at a reduced
+  width with the full vocabulary (the mid preset) the head's share of the work is far above a real model's.
 
 Sections (`--only NAME` runs one; by default the CPU run does pipeline, scar, mmeb and memory, the GPU run scar,
 mmeb and memory):
 
-1. pipeline -- the CPU criterion (issue 9): torch pinned to `--threads` (default 1) intra-op thread, 1
-   preprocessing worker, `--photos` (default 16) phone-sized JPEGs (the mini-SCaR photos upscaled 6x, bicubic,
-   quality 92, written to a temporary folder), one box prompt and a short instruction each. Times, alternating
-   over `--repeats` (medians): preprocessing alone (`VirtueProcessor.preprocess` of every row in one thread, the
-   worker's exact work), model alone (`encode` of those preprocessed rows), pipelined (`encode(num_workers=1,
-   prefetch=2)` from the files) and sequential (`encode(num_workers=0)`). Criterion: pipelined <= 1.2 x
-   max(preprocessing, model). Batches of 2 rows (`--batch-size`): with a single batch nothing could overlap. Forward
-   hooks split each encode into time inside `VirtueModel.forward` and the wait for the first batch (its
-   preprocessing, which nothing can hide); a run where other processes left no core for the worker says so.
-2. scar -- SCaR-like: `--photos` photos (CPU 4, GPU 16) squashed to 1344x1344 as the official evaluation does, k
-   box prompts per photo (`--k`, default 1 3) with the official SCaR query text, 10 distinct candidate captions per
-   query. "ours" = encode(queries, reuse_image_features=True, num_workers=1) + encode(candidates); "per-row" =
-   encode(queries, reuse_image_features=False, num_workers=0) + encode(candidates, num_workers=0).
-3. mmeb -- MMEB-like: `--queries` (CPU 16, GPU 256) image + instruction queries, one photo each at its own size
-   (the 27 mini-SCaR photos, then mirrored/cropped copies of them, so that no two queries share an image and feature
-   reuse plays no part) against `--candidates` (1,000) distinct candidate texts, encoded once by both paths (the
-   official code deduplicates candidates too): the paths differ in prefetching only.
-4. memory -- peak memory of one `encode` of the SCaR-like queries (largest k) at `--batch-size` (default 8), ours
-   vs per-row. CUDA: `torch.cuda.max_memory_allocated` above what is allocated before the call (the weights).
-   CPU: each path in a fresh interpreter, VmHWM above VmRSS after the model is built and warmed up
-   (/proc/self/clear_refs; glibc told to hand freed memory back, so RSS follows live buffers).
-5. compile (only with `--only compile` or `--compile`) -- `model.compile_towers()` (torch.compile of SAM2's image
-   encoder and the Qwen ViT) vs eager on the pipeline workload (preprocessed rows, so only the model runs): time of
-   the first compiled call (cold: a fresh inductor cache in the temporary folder) and steady-state seconds per
-   batch; a failure is reported with its error.
+1. pipeline -- the CPU criterion: torch pinned to `--threads` (default 1) intra-op thread, 1 preprocessing worker,
+   `--photos` (default 16) phone-sized JPEGs (the mini-SCaR photos upscaled 6x), one box prompt each. Times,
+   alternating over `--repeats` (medians): preprocessing alone, model alone, pipelined (`num_workers=1,
+   prefetch=2`) and sequential (`num_workers=0`). Criterion: pipelined <= 1.2 x max(preprocessing, model).
+2. scar -- SCaR-like: `--photos` photos (CPU 4, GPU 16) squashed to 1344x1344, k box prompts per photo (`--k`,
+   default 1 3) with the official SCaR query text, 10 distinct candidate captions per query; the three paths.
+3. mmeb -- MMEB-like: `--queries` (CPU 16, GPU 256) image + instruction queries, a distinct photo each at its own
+   size, against `--candidates` (1,000) distinct candidate texts, encoded once by every path.
+4. memory -- peak memory of one `encode` of the SCaR-like queries (largest k), each path. CUDA:
+   `max_memory_allocated` above what is allocated before the call; CPU: each path in a fresh interpreter, VmHWM
+   above VmRSS after the model is built and warmed up.
+5. compile (only with `--only compile` or `--compile`) -- `model.compile_towers()` vs eager.
 
-Figures: queries/s and images/s (distinct photos) count the candidates' encoding time too; "TFLOP exec" is what
-the path actually executes (`virtue.model.flops.forward_flops`: the image towers once per row for per-row, once
-per distinct image for ours; padding not counted), TFLOP/s = that / wall time; MFU = TFLOP/s / peak, the peak
-being, on CUDA, the nominal dense figure for the card and dtype (table below; fp32 = non-tensor-core, as TF32 is
-off), on the CPU the best of a few measured 2048x2048 matmuls in the model's dtype at the same thread count. The
-LLM's, ViT's and SAM2 image encoder's own times come from forward hooks (CUDA events: nothing is synchronised), so
-the LLM's MFU is its FLOPs over its own time. Every figure names the device; "other load" is the cores other
-processes used meanwhile (/proc/stat minus this process and its children), to recognise disturbed runs.
+Hygiene: every path is warmed up before any timing; the paths' order rotates with every repeat; the matmul peak
+is measured before the first section and after the last (both reported, MFU uses the higher; on CUDA the datasheet
+figure is quoted beside it); every figure is printed with the load average at that moment and recorded in
+`--json`. Figures: queries/s count the candidates' encoding too; "TFLOP exec" is what a path actually executes
+(`virtue.model.flops.forward_flops`: the towers once per row for the per-row paths, once per distinct image for
+ours, the LM head for official-like; padding not counted); the LLM's and ViT's MFU are their FLOPs over their
+own forward time (hooks).
 
-    python benchmarks/throughput.py                                   # CPU, mid preset: ~3 min on 2 cores
-    python benchmarks/throughput.py --repeats 1 --photos 2            # a quick check
-    python benchmarks/throughput.py --only compile                    # compile vs eager: ~2 min (1 thread)
+    python benchmarks/throughput.py                                   # CPU, mid preset: ~6 min on 2 cores
+    python benchmarks/throughput.py --preset tiny --repeats 1 --photos 1 --k 1 --queries 2 --candidates 4
     python benchmarks/throughput.py --device cuda --preset 2b --dtype bfloat16          # GPU: 2B dims
     python benchmarks/throughput.py --device cuda --preset 7b --dtype bfloat16 --only memory --batch-size 16
 
-Presets (`--preset`): mid (CPU default: a quarter of 2B's width, see `virtue.model.presets.mid_config`), tiny, 2b
-and 7b (the real dimensions). Timings of a shared machine are noisy: compare the ratios of one run, not runs.
+Timings of a shared machine are noisy: compare the ratios of one run, not runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import ctypes
 import functools
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from bench_common import OtherLoad, print_table
-from PIL import Image
+from bench_common import (
+    Figures,
+    OtherLoad,
+    PeakMeter,
+    build_model,
+    device_label,
+    environment,
+    load_average,
+    print_table,
+    rotated,
+    timed,
+)
+from official_pipeline import OFFICIAL_BATCH_SIZE, encode_like_official
+from workloads import (
+    SCAR_RESIZE,
+    distinct_photos,
+    image_size,
+    mmeb_workload,
+    pipeline_items,
+    scar_workload,
+    source_photos,
+    workload_flops,
+)
 
-from virtue import VirtueModel, mmeb_query_text, scar_query_text
 from virtue.inputs import EmbedInput, parse_input
-from virtue.model.flops import Flops, forward_flops
-from virtue.processing.qwen import smart_resize
+from virtue.model.embedder import VirtueModel
+from virtue.model.flops import Flops
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-PHOTOS = SHARED / "data/mini-scar/images"
-TOKENIZER = SHARED / "fixtures/virtue-official-tiny/checkpoint"
 MiB = 1024 * 1024
-SCAR_RESIZE = (1344, 1344)
-CANDIDATES_PER_QUERY = 10
 PIPELINE_TARGET = 1.2
-SCAR_GPU_TARGET = 2.5
 # glibc: blocks from 64 KiB up are mmap-ed (unmapped when freed), free heap above 1 MiB is trimmed, so that RSS
 # follows the live buffers instead of what malloc keeps from earlier calls.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024), "MALLOC_TRIM_THRESHOLD_": str(1024 * 1024)}
-# Nominal dense peaks (TFLOP/s) by device name: (substrings of the upper-cased name, label, bf16/fp16 tensor core,
-# fp32 without tensor cores). First match wins.
-NOMINAL_PEAKS: tuple[tuple[tuple[str, ...], str, float, float], ...] = (
-    (("H200",), "H200", 989.0, 67.0),
-    (("H100", "PCIE"), "H100 PCIe", 756.0, 51.0),
-    (("H100", "NVL"), "H100 NVL", 835.0, 60.0),
-    (("H100",), "H100 SXM", 989.0, 67.0),
-    (("A100",), "A100", 312.0, 19.5),
-)
-PIPELINE_INSTRUCTION = "Describe the object in the box."
-MMEB_INSTRUCTIONS = (
-    "Represent the given image for classification",
-    "Find a caption for the given image",
-    "Represent the given image with the following question: What is the main object?",
-)
-ADJECTIVES = ("red", "small", "wooden", "striped", "old", "shiny", "tall", "broken", "white", "furry")
-NOUNS = ("dog", "chair", "bicycle", "umbrella", "cup", "horse", "laptop", "kite", "bench", "clock")
-PLACES = ("on the left", "near the window", "in the street", "on a table", "by the door", "in the grass",
-          "under a tree", "at the back", "in the foreground", "next to a car")
-ACTIONS = ("resting", "standing", "partly hidden", "seen from above", "in the shade")
+OURS, NO_REUSE, OFFICIAL = "ours", "encode, reuse+prefetch off", "official-like"
+OFFICIAL_NO_HEAD = "official-like, LM head skipped"  # with --official-without-head
+PATHS = (OFFICIAL, NO_REUSE, OURS)  # the order of the first repeat; it rotates
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Environment, devices, peaks
+# Context shared by the sections
 
 
-def cpu_model_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
+@dataclass
+class Context:
+    args: argparse.Namespace
+    device: torch.device
+    dtype: torch.dtype
+    tmp: Path
+    figures: Figures = field(default_factory=Figures)
+    flop_rates: list[tuple[str, str, float, float, float]] = field(default_factory=list)  # for the MFU table
+    _model: VirtueModel | None = None
 
+    @property
+    def model(self) -> VirtueModel:
+        if self._model is None:
+            start = time.perf_counter()
+            self._model = build_model(self.args.preset, self.device, self.dtype)
+            print(f"built preset {self.args.preset} ({self.args.dtype}) on {self.device} in "
+                  f"{time.perf_counter() - start:.1f} s; {preset_summary(self._model)}", flush=True)
+        return self._model
 
-def device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    n = torch.get_num_threads()
-    return f"{cpu_model_name()}, {n} torch thread{'s' if n != 1 else ''}"
+    @property
+    def label(self) -> str:
+        return device_label(self.device)
 
+    def batch_size(self, default: int) -> int:
+        return self.args.batch_size or default
 
-def git_state() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "git: unknown"
-    return f"git {head}{' (tracked files modified)' if dirty else ''}"
-
-
-def environment(args: argparse.Namespace, device: torch.device) -> str:
-    import transformers
-
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    return (f"device: {device_label(device)}; python {platform.python_version()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, torch threads {torch.get_num_threads()} (interop "
-            f"{torch.get_num_interop_threads()}), CPUs {os.cpu_count()} (usable {len(os.sched_getaffinity(0))}), "
-            f"load average {load}; {git_state()}\npreset {args.preset}, dtype {args.dtype}")
+    def add(self, section: str, name: str, value: float, unit: str, baseline: str | None = None) -> None:
+        self.figures.add(section, name, value, unit, baseline=baseline, device=self.label)
 
 
 def preset_summary(model: VirtueModel) -> str:
@@ -166,60 +148,6 @@ def preset_summary(model: VirtueModel) -> str:
     most = ip.max_pixels // ip.factor**2
     return (f"model: {params:.1f} M parameters; LLM {t['hidden_size']} wide, {t['num_hidden_layers']} layers; ViT "
             f"{v['embed_dim']} wide, {v['depth']} blocks, at most {most} visual tokens per image; {sam}")
-
-
-@dataclass
-class Peak:
-    tflops: float | None
-    note: str
-
-
-def nominal_peak(name: str, dtype: torch.dtype) -> Peak:
-    """The table's dense peak for a CUDA device name, or an unknown peak."""
-    for keys, label, bf16, fp32 in NOMINAL_PEAKS:
-        if all(k in name.upper() for k in keys):
-            if dtype in (torch.bfloat16, torch.float16):
-                return Peak(bf16, f"nominal dense bf16 peak of {label}: {bf16:g} TFLOP/s (for {name})")
-            return Peak(fp32, f"nominal fp32 (no tensor cores, TF32 off) peak of {label}: {fp32:g} TFLOP/s "
-                              f"(for {name})")
-    return Peak(None, f"peak unknown for {name}: MFU not computed")
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype) -> Peak:
-    if device.type == "cuda":
-        return nominal_peak(torch.cuda.get_device_name(device), dtype)
-    return measured_cpu_peak(dtype, torch.get_num_threads())
-
-
-@functools.lru_cache(maxsize=4)
-def measured_cpu_peak(dtype: torch.dtype, threads: int, n: int = 2048, runs: int = 4) -> Peak:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    tflops = 2 * n**3 / best / 1e12
-    return Peak(tflops, f"measured CPU peak: best of {runs} {str(dtype).removeprefix('torch.')} {n}x{n} matmuls "
-                        f"at {threads} thread(s): {tflops * 1e3:.1f} GFLOP/s")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Timing helpers
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 class TowerTimer:
@@ -272,8 +200,7 @@ class TowerTimer:
 
 class ForwardClock:
     """Wall time inside `VirtueModel.forward` (one call per batch) and before the first call of an `encode`: what
-    is left of an encode's time is preprocessing the model waited for (and, on CUDA, copies and synchronisation;
-    there the forward's own time is mostly kernel launches)."""
+    is left of an encode's time is preprocessing the model waited for."""
 
     def __init__(self, model: VirtueModel):
         self.model = model
@@ -302,189 +229,113 @@ class ForwardClock:
         self.inside += time.perf_counter() - self._entered
 
 
-def rotated(seq: Sequence[Any], r: int) -> list[Any]:
-    """The r-th rotation: alternating repeats start with a different configuration each time."""
-    r %= len(seq)
-    return list(seq[r:]) + list(seq[:r])
-
-
-def fmt_flops(x: float) -> str:
-    return f"{x:.3g}"
-
-
-def fmt_pct(x: float | None) -> str:
-    return "n/a" if x is None else f"{100 * x:.2f}%"
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# Model and workloads
+# The three paths
 
 
-def build_model(preset: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> VirtueModel:
-    """Random weights, built directly on `device` in `dtype` (a 7B model is never materialised in float32)."""
-    from transformers import AutoTokenizer
-
-    from virtue.config import quiet_transformers
-    from virtue.model.presets import PRESETS
-
-    with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
-        config = PRESETS[preset]()
-        torch.manual_seed(seed)
-        before = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            with device:
-                model = VirtueModel(config, tokenizer)
-        finally:
-            torch.set_default_dtype(before)
-    return model.to(device=device, dtype=dtype).eval()
-
-
-def source_photos() -> list[Path]:
-    photos = sorted(PHOTOS.glob("*.jpg"))
-    if not photos:
-        raise SystemExit(f"no photos found in {PHOTOS}")
-    return photos
-
-
-def distinct_photos(n: int, tmp: Path, scale: int = 1) -> list[Path]:
-    """n photos with distinct content: the mini-SCaR photos themselves (scale 1), else derived JPEGs in `tmp`
-    (upscaled `scale` x bicubic, quality 92; mirrored copies once the photos run out)."""
-    src = source_photos()
-    out = []
-    for i in range(n):
-        path, variant = src[i % len(src)], i // len(src)
-        if scale == 1 and variant == 0:
-            out.append(path)
-            continue
-        with Image.open(path) as opened:
-            img = opened.convert("RGB")
-        if variant % 2:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        if variant > 1:
-            img = img.crop((variant, variant, img.width, img.height))
-        if scale != 1:
-            img = img.resize((img.width * scale, img.height * scale), Image.Resampling.BICUBIC)
-        dest = tmp / f"{path.stem}-x{scale}-v{variant}.jpg"
-        img.save(dest, quality=92)
-        out.append(dest)
-    return out
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    with Image.open(path) as img:
-        return img.size
-
-
-def box_in(size: tuple[int, int], j: int, k: int) -> list[int]:
-    """The j-th of k distinct boxes inside a w x h photo (XYXY pixels)."""
-    w, h = size
-    x0, y0 = int(w * (0.05 + 0.4 * j / k)), int(h * (0.08 + 0.3 * j / k))
-    return [x0, y0, min(w - 1, x0 + int(w * (0.3 + 0.1 * j / k))), min(h - 1, y0 + int(h * 0.45))]
-
-
-def caption(i: int) -> str:
-    """The i-th of 5,000 distinct short captions."""
-    i, a = divmod(i, len(ADJECTIVES))
-    i, n = divmod(i, len(NOUNS))
-    i, p = divmod(i, len(PLACES))
-    act = ACTIONS[i % len(ACTIONS)]
-    return f"A {ADJECTIVES[a]} {NOUNS[n]} {act} {PLACES[p]}."
-
-
-def scar_workload(photos: Sequence[Path], k: int) -> tuple[list[dict], list[str]]:
-    queries, candidates = [], []
-    for path in photos:
-        size = image_size(path)
-        for j in range(k):
-            box = box_in(size, j, k)
-            queries.append({"image": path, "text": scar_query_text(box), "box": box})
-    for q in range(len(queries)):
-        candidates += [caption(q * CANDIDATES_PER_QUERY + c) for c in range(CANDIDATES_PER_QUERY)]
-    return queries, candidates
-
-
-def mmeb_workload(photos: Sequence[Path], num_queries: int, num_candidates: int) -> tuple[list[dict], list[str]]:
-    queries = [{"image": photos[i % len(photos)], "text": mmeb_query_text(MMEB_INSTRUCTIONS[i % 3])}
-                for i in range(num_queries)]
-    return queries, [caption(i) for i in range(num_candidates)]
-
-
-def pipeline_items(photos: Sequence[Path]) -> list[EmbedInput]:
-    rows = []
-    for i, path in enumerate(photos):
-        rows.append(parse_input({"image": path, "text": PIPELINE_INSTRUCTION, "box": box_in(image_size(path), 0, 1)},
-                                i))
-    return rows
-
-
-def workload_flops(model: VirtueModel, queries: Sequence[dict], candidates: Sequence[str],
-                   resize: tuple[int, int] | None, per_row: bool) -> Flops:
-    """FLOPs executed: the image towers once per query row (per-row) or once per distinct image (ours)."""
-    proc, ip = model.processor, model.config.image_processing
-    grids: dict[Any, tuple[int, int, int]] = {}
-    images, image_rows = [], []
-    for i, q in enumerate(queries):
-        item = parse_input(q, i)
-        size = image_size(Path(item.image))
-        h, w = smart_resize((resize or size)[1], (resize or size)[0], ip)
-        grid = (1, h // ip.patch_size, w // ip.patch_size)
-        visual = grid[1] * grid[2] // ip.merge_size**2
-        text = len(proc.image_row_ids(proc.text(item, f"input {i}"), visual))
-        sparse = 0
-        if model.sam is not None:  # the prompt's points + SAM's padding point (a box: 3)
-            sparse = len(proc.sam_prompt(item, size, model.sam.mask_input_size).labels) + 1
-        image_rows.append((text, sparse))
-        if per_row:
-            images.append(grid)
-        else:
-            grids.setdefault(item.image_identity(), grid)
-    images += list(grids.values())
-    text_rows = [len(proc.token_ids(proc.text(parse_input(c, i), f"input {i}"))) for i, c in enumerate(candidates)]
-    return forward_flops(model.config, images=images, image_rows=image_rows, text_rows=text_rows)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Context shared by the sections
-
-
-@dataclass
-class Context:
-    args: argparse.Namespace
-    device: torch.device
-    dtype: torch.dtype
-    tmp: Path
-    _model: VirtueModel | None = None
-    _peak: Peak | None = None
-
-    @property
-    def model(self) -> VirtueModel:
-        if self._model is None:
-            start = time.perf_counter()
-            self._model = build_model(self.args.preset, self.device, self.dtype)
-            print(f"built preset {self.args.preset} ({self.args.dtype}) on {self.device} in "
-                  f"{time.perf_counter() - start:.1f} s; {preset_summary(self._model)}", flush=True)
-        return self._model
-
-    @property
-    def peak(self) -> Peak:
-        if self._peak is None:
-            self._peak = peak_flops(self.device, self.dtype)
-        return self._peak
-
-    @property
-    def label(self) -> str:
-        return device_label(self.device)
-
-    def batch_size(self, default: int) -> int:
-        return self.args.batch_size or default
+def query_call(name: str, model: VirtueModel, batch_size: int, official_batch_size: int) -> Callable[..., Any]:
+    """`call(inputs, resize)` embedding queries the way path `name` does."""
+    if name in (OFFICIAL, OFFICIAL_NO_HEAD):
+        head = name == OFFICIAL
+        return lambda inputs, resize: encode_like_official(model, inputs, batch_size=official_batch_size,
+                                                           image_resize=resize, lm_head=head)
+    options = path_options(name == OURS)
+    return lambda inputs, resize: model.encode(inputs, batch_size=batch_size, image_resize=resize,
+                                               show_progress_bar=False, **options)
 
 
 def path_options(ours: bool) -> dict[str, Any]:
     if ours:
         return {"reuse_image_features": True, "num_workers": 1, "prefetch": 2}
     return {"reuse_image_features": False, "num_workers": 0}
+
+
+def path_flops(name: str, model: VirtueModel, queries: Sequence[dict], candidates: Sequence[str],
+               resize: tuple[int, int] | None) -> Flops:
+    return workload_flops(model, queries, candidates, resize, per_row=name != OURS, lm_head=name == OFFICIAL)
+
+
+def compared_paths(args: argparse.Namespace) -> tuple[str, ...]:
+    return (OFFICIAL_NO_HEAD, *PATHS) if args.official_without_head else PATHS
+
+
+@dataclass
+class PathResult:
+    query_s: list[float] = field(default_factory=list)
+    cand_s: list[float] = field(default_factory=list)
+    other: list[float] = field(default_factory=list)
+    towers: list[dict[str, float]] = field(default_factory=list)
+
+    def med(self, attr: str) -> float:
+        return statistics.median(getattr(self, attr))
+
+    @property
+    def total(self) -> float:
+        return statistics.median(q + c for q, c in zip(self.query_s, self.cand_s, strict=True))
+
+    def tower(self, name: str) -> float:
+        return statistics.median(t.get(name, 0.0) for t in self.towers)
+
+
+def run_path(ctx: Context, timer: TowerTimer, name: str, queries: list[dict], candidates: list[str],
+             resize: tuple[int, int] | None, result: PathResult) -> None:
+    call = query_call(name, ctx.model, ctx.batch_size(8), ctx.args.official_batch_size)
+    timer.reset()
+    with OtherLoad() as other:
+        q = timed(lambda: call(queries, resize), ctx.device)
+        c = timed(lambda: call(candidates, None), ctx.device)
+    result.query_s.append(q)
+    result.cand_s.append(c)
+    result.other.append(other.cores)
+    result.towers.append(timer.seconds())
+
+
+def compare_paths(ctx: Context, section: str, title: str, queries: list[dict], candidates: list[str],
+                  resize: tuple[int, int] | None) -> dict[str, PathResult]:
+    """The three paths, warmed up, then alternating; prints the table, records the figures."""
+    model, args = ctx.model, ctx.args
+    photos = {parse_input(q, i).image_identity() for i, q in enumerate(queries)}
+    paths = compared_paths(args)
+    flops = {name: path_flops(name, model, queries, candidates, resize) for name in paths}
+    results = {name: PathResult() for name in paths}
+    with TowerTimer(model) as timer:
+        first = [q for q in queries if q["image"] == queries[0]["image"]]
+        for name in paths:  # warm-up of every path: one photo's rows and a few candidates
+            run_path(ctx, timer, name, first, candidates[:8], resize, PathResult())
+        for r in range(args.repeats):
+            for name in rotated(list(paths), r):
+                run_path(ctx, timer, name, queries, candidates, resize, results[name])
+            print(f"  repeat {r + 1}/{args.repeats}: " + ", ".join(
+                f"{name} {res.query_s[-1]:.2f} + {res.cand_s[-1]:.2f} s" for name, res in results.items()),
+                flush=True)
+    rows = []
+    for name, res in results.items():
+        f, total = flops[name], res.total
+        llm_s, vit_s = res.tower("llm"), res.tower("vit")
+        ctx.flop_rates.append((title, name, f.total / total / 1e12, f.llm / llm_s / 1e12 if llm_s else 0.0,
+                               f.vision / vit_s / 1e12 if vit_s else 0.0))
+        rows.append([name, len(queries), len(candidates), f"{res.med('query_s'):.3f}", f"{res.med('cand_s'):.3f}",
+                     f"{len(queries) / total:.3g}", f"{len(photos) / total:.3g}", f"{f.total / 1e12:.3g}",
+                     f"{f.total / total / 1e12:.3g}", f"{llm_s:.3f}", f"{vit_s:.3f}", f"{res.tower('sam_image'):.3f}",
+                     f"{res.med('other'):.2f}"])
+        ctx.add(section, f"{title}: {name} queries/s", len(queries) / total, "queries/s")
+    load = load_average()
+    print(f"\n{title} -- medians over {args.repeats} repeat(s) [{ctx.label}; load average {load}]")
+    print_table(["path", "queries", "cands", "query s", "cand s", "queries/s", "images/s", "TFLOP exec", "TFLOP/s",
+                 "LLM s", "ViT s", "SAM img s", "other load"], rows)
+    print("FLOPs executed (GFLOP): " + "; ".join(
+        f"{name}: " + ", ".join(f"{k} {v / 1e9:.4g}" for k, v in zip(
+            ("vit", "sam_image", "sam_prompt", "connector", "llm", "lm_head"), f.as_tuple(), strict=True))
+        for name, f in flops.items()))
+    ours = results[OURS]
+    for baseline in (name for name in paths if name != OURS):
+        base = results[baseline]
+        ratio, query_ratio = base.total / ours.total, base.med("query_s") / ours.med("query_s")
+        ctx.add(section, f"{title}: ours vs {baseline}, queries/s", ratio, "x", baseline=baseline)
+        ctx.add(section, f"{title}: ours vs {baseline}, query encoding alone", query_ratio, "x", baseline=baseline)
+        print(f"ours vs {baseline} [{ctx.label}; load average {load}]: queries/s x{ratio:.2f} (candidates "
+              f"included), query encoding alone x{query_ratio:.2f}")
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -512,14 +363,14 @@ def section_pipeline(ctx: Context) -> None:
 
     prepared = preprocess()  # warm-up (and the page cache) + the rows "model alone" encodes
     common = {"batch_size": bs, "show_progress_bar": False}
-    model.encode(prepared[:bs], num_workers=0, **common)
-    model.encode(items[:bs], num_workers=1, prefetch=2, **common)
     configs: dict[str, Callable[[], Any]] = {
         "preprocessing alone": preprocess,
         "model alone": lambda: model.encode(prepared, num_workers=0, **common),
         "pipelined (1 worker, prefetch 2)": lambda: model.encode(items, num_workers=1, prefetch=2, **common),
         "sequential (0 workers)": lambda: model.encode(items, num_workers=0, **common),
     }
+    for call in configs.values():  # warm-up of every configuration
+        call()
     times: dict[str, list[float]] = {name: [] for name in configs}
     loads: dict[str, list[float]] = {name: [] for name in configs}
     inside: dict[str, list[float]] = {name: [] for name in configs}
@@ -547,19 +398,19 @@ def section_pipeline(ctx: Context) -> None:
                      f"{statistics.median(loads[name]):.2f}"])
     rows.append(["preprocessing + model (no overlap)", f"{prep + alone:.3f}", f"{n / (prep + alone):.2f}",
                  f"{(prep + alone) / bound:.2f}", "", "", ""])
-    print(f"\nMedians [{ctx.label}]:")
+    print(f"\nMedians [{ctx.label}; load average {load_average()}]:")
     print_table(["configuration", "seconds", "photos/s", "/ max(prep, model)", "in forward s", "1st batch wait s",
                  "other load (cores)"], rows)
-    print("in forward: time inside VirtueModel.forward (all batches); 1st batch wait: from the encode call to the "
-          "first forward (the first batch's preprocessing, which nothing can overlap)")
     piped, seq = med["pipelined (1 worker, prefetch 2)"], med["sequential (0 workers)"]
     verdict = "PASS" if piped / bound <= PIPELINE_TARGET else "FAIL"
-    # The overlap needs a core for the model's thread(s) and one for the worker.
     free = len(os.sched_getaffinity(0)) - statistics.median(loads["pipelined (1 worker, prefetch 2)"])
     if free < torch.get_num_threads() + 1 - 0.25:
         verdict += (f" -- but other processes left only {free:.1f} free core(s) for the model's "
                     f"{torch.get_num_threads()} thread(s) + 1 worker, so nothing could overlap: rerun on a quieter "
                     "machine to judge the criterion")
+    baseline = "max(preprocessing alone, model alone)"
+    ctx.add("pipeline", "pipelined / max(preprocessing, model)", piped / bound, "x", baseline=baseline)
+    ctx.add("pipeline", "sequential / max(preprocessing, model)", seq / bound, "x", baseline=baseline)
     print(f"pipelined / max(preprocessing, model) = {piped:.3f} / {bound:.3f} = {piped / bound:.2f} "
           f"(target <= {PIPELINE_TARGET}): {verdict} [{ctx.label}]")
     print(f"sequential / max(preprocessing, model) = {seq / bound:.2f}; pipelined / sequential = {piped / seq:.2f} "
@@ -567,90 +418,7 @@ def section_pipeline(ctx: Context) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2-3. scar and mmeb: ours vs per-row
-
-
-@dataclass
-class PathResult:
-    query_s: list[float] = field(default_factory=list)
-    cand_s: list[float] = field(default_factory=list)
-    other: list[float] = field(default_factory=list)
-    towers: list[dict[str, float]] = field(default_factory=list)
-
-    def med(self, attr: str) -> float:
-        return statistics.median(getattr(self, attr))
-
-    @property
-    def total(self) -> float:
-        return statistics.median(q + c for q, c in zip(self.query_s, self.cand_s, strict=True))
-
-    def tower(self, name: str) -> float:
-        return statistics.median(t.get(name, 0.0) for t in self.towers)
-
-
-def run_path(ctx: Context, timer: TowerTimer, queries: list[dict], candidates: list[str],
-             resize: tuple[int, int] | None, ours: bool, result: PathResult) -> None:
-    model, bs = ctx.model, ctx.batch_size(8)
-    opts = path_options(ours)
-    timer.reset()
-    with OtherLoad() as other:
-        q = timed(lambda: model.encode(queries, batch_size=bs, image_resize=resize, show_progress_bar=False,
-                                       **opts), ctx.device)
-        c = timed(lambda: model.encode(candidates, batch_size=bs, show_progress_bar=False,
-                                       num_workers=opts["num_workers"]), ctx.device)
-    result.query_s.append(q)
-    result.cand_s.append(c)
-    result.other.append(other.cores)
-    result.towers.append(timer.seconds())
-
-
-def compare_paths(ctx: Context, title: str, queries: list[dict], candidates: list[str],
-                  resize: tuple[int, int] | None) -> dict[str, PathResult]:
-    """Ours vs per-row, alternating; prints the table and returns the raw results."""
-    model, args = ctx.model, ctx.args
-    photos = {parse_input(q, i).image_identity() for i, q in enumerate(queries)}
-    flops = {"ours": workload_flops(model, queries, candidates, resize, per_row=False),
-             "per-row": workload_flops(model, queries, candidates, resize, per_row=True)}
-    results = {"ours": PathResult(), "per-row": PathResult()}
-    with TowerTimer(model) as timer:
-        # warm-up: one photo's rows and a few candidates through both paths
-        first = [q for q in queries if q["image"] == queries[0]["image"]]
-        for ours in (True, False):
-            run_path(ctx, timer, first, candidates[:8], resize, ours, PathResult())
-        for r in range(args.repeats):
-            for name in rotated(["per-row", "ours"], r):
-                run_path(ctx, timer, queries, candidates, resize, name == "ours", results[name])
-            print(f"  repeat {r + 1}/{args.repeats}: " + ", ".join(
-                f"{name} {res.query_s[-1]:.2f} + {res.cand_s[-1]:.2f} s" for name, res in results.items()),
-                flush=True)
-    peak = ctx.peak.tflops
-    rows = []
-    for name, res in results.items():
-        f, total = flops[name], results[name].total
-        achieved = f.total / total / 1e12
-        llm_s = res.tower("llm")
-        llm_rate = f.llm / llm_s / 1e12 if llm_s > 0 else None
-        rows.append([
-            name, len(queries), len(candidates), f"{res.med('query_s'):.3f}", f"{res.med('cand_s'):.3f}",
-            f"{len(queries) / total:.3g}", f"{len(photos) / total:.3g}", fmt_flops(f.total / 1e12),
-            fmt_flops(achieved), fmt_pct(achieved / peak if peak else None),
-            f"{llm_s:.3f}", "n/a" if llm_rate is None else fmt_flops(llm_rate),
-            fmt_pct(llm_rate / peak if peak and llm_rate else None),
-            f"{res.tower('vit'):.3f}", f"{res.tower('sam_image'):.3f}", f"{res.med('other'):.2f}",
-        ])
-    print(f"\n{title} -- medians over {args.repeats} repeat(s) [{ctx.label}]; {ctx.peak.note}")
-    print_table(["path", "queries", "cands", "query s", "cand s", "queries/s", "images/s", "TFLOP exec", "TFLOP/s",
-                 "MFU", "LLM s", "LLM TFLOP/s", "LLM MFU", "ViT s", "SAM img s", "other load"], rows)
-    print("FLOPs executed (GFLOP): " + "; ".join(
-        f"{name}: " + ", ".join(f"{k} {v / 1e9:.4g}" for k, v in zip(
-            ("vit", "sam_image", "sam_prompt", "connector", "llm"), f.as_tuple(), strict=True))
-        for name, f in flops.items()))
-    print("queries/s, images/s (distinct photos per second) and TFLOP/s: over query + candidate encoding; LLM / ViT "
-          "/ SAM img s: the towers' own forward time (hooks); MFU: against the peak above")
-    ours, per_row = results["ours"], results["per-row"]
-    print(f"ours / per-row [{ctx.label}]: queries/s x{per_row.total / ours.total:.2f} (candidates included), "
-          f"query encoding alone x{per_row.med('query_s') / ours.med('query_s'):.2f}")
-    return results
+# 2-3. scar and mmeb
 
 
 def section_scar(ctx: Context) -> None:
@@ -658,16 +426,11 @@ def section_scar(ctx: Context) -> None:
     p = args.photos or (16 if ctx.device.type == "cuda" else 4)
     photos = distinct_photos(p, ctx.tmp)
     print(f"\n== scar [{ctx.label}]: {p} photos squashed to {SCAR_RESIZE[0]}x{SCAR_RESIZE[1]}, k box prompts each "
-          f"(official SCaR query text), {CANDIDATES_PER_QUERY} candidate captions per query, batch size "
-          f"{ctx.batch_size(8)}; ours = reuse + 1 worker + prefetch 2, per-row = no reuse, no worker")
+          f"(official SCaR query text), 10 candidate captions per query; batch size {ctx.batch_size(8)} "
+          f"(official-like: {args.official_batch_size}); {OURS} = reuse + 1 worker + prefetch 2")
     for k in args.k:
         queries, candidates = scar_workload(photos, k)
-        results = compare_paths(ctx, f"SCaR-like, k = {k}", queries, candidates, SCAR_RESIZE)
-        speedup = results["per-row"].total / results["ours"].total
-        if ctx.device.type == "cuda" and k == 3:
-            verdict = "PASS" if speedup >= SCAR_GPU_TARGET else "FAIL"
-            print(f"GPU target at k = 3: ours/per-row queries/s >= {SCAR_GPU_TARGET}: {speedup:.2f} {verdict} "
-                  f"[{ctx.label}]")
+        compare_paths(ctx, "scar", f"SCaR-like, k = {k}", queries, candidates, SCAR_RESIZE)
 
 
 def section_mmeb(ctx: Context) -> None:
@@ -679,7 +442,7 @@ def section_mmeb(ctx: Context) -> None:
     print(f"\n== mmeb [{ctx.label}]: {n} image + instruction queries, a distinct photo each at its own size "
           f"({n - derived} mini-SCaR photos{f', {derived} mirrored/cropped copies' if derived else ''}), against "
           f"{len(candidates)} distinct candidate texts encoded once, batch size {ctx.batch_size(8)}")
-    compare_paths(ctx, "MMEB-like", queries, candidates, None)
+    compare_paths(ctx, "mmeb", "MMEB-like", queries, candidates, None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -695,20 +458,18 @@ def memory_child(args: argparse.Namespace) -> None:
     """In a fresh interpreter: build the model, warm up, then the peak RSS of one encode above the RSS before it.
     Prints one JSON line."""
     torch.set_num_threads(args.threads)
-    device = torch.device("cpu")
-    model = build_model(args.preset, device, getattr(torch, args.dtype))
+    model = build_model(args.preset, torch.device("cpu"), getattr(torch, args.dtype))
     photos = [Path(p) for p in args.child_photos.split(os.pathsep)]
     queries, _ = scar_workload(photos, max(args.k))
-    ours = args.memory_child == "ours"
-    opts = path_options(ours)
-    model.encode(queries[:1], batch_size=args.batch_size, image_resize=SCAR_RESIZE, show_progress_bar=False, **opts)
+    call = query_call(args.memory_child, model, args.batch_size, args.official_batch_size)
+    call(queries[:1], SCAR_RESIZE)
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     base = status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:  # "5": VmHWM := VmRSS
         f.write("5")
     start = time.perf_counter()
-    model.encode(queries, batch_size=args.batch_size, image_resize=SCAR_RESIZE, show_progress_bar=False, **opts)
+    call(queries, SCAR_RESIZE)
     elapsed = time.perf_counter() - start
     print(json.dumps({"peak_MiB": (status_kib("VmHWM") - base) / 1024, "base_MiB": base / 1024,
                       "time_s": elapsed}))
@@ -720,39 +481,46 @@ def section_memory(ctx: Context) -> None:
     k, bs = max(args.k), ctx.batch_size(8)
     photos = distinct_photos(p, ctx.tmp)
     queries, _ = scar_workload(photos, k)
-    where = "CUDA max_memory_allocated above the allocation before the call" if ctx.device.type == "cuda" else \
-        "peak RSS (VmHWM) above VmRSS after model build + warm-up, each path in a fresh interpreter"
+    cuda = ctx.device.type == "cuda"
+    where = ("CUDA max_memory_allocated above the allocation before the call" if cuda else
+             "peak RSS (VmHWM) above VmRSS after model build + warm-up, each path in a fresh interpreter")
     print(f"\n== memory [{ctx.label}]: one encode of the SCaR-like queries ({p} photos at "
-          f"{SCAR_RESIZE[0]}x{SCAR_RESIZE[1]}, k = {k}: {len(queries)} rows), batch size {bs}; {where}")
+          f"{SCAR_RESIZE[0]}x{SCAR_RESIZE[1]}, k = {k}: {len(queries)} rows), batch size {bs} (official-like: "
+          f"{args.official_batch_size}); {where}")
     rows = []
-    if ctx.device.type == "cuda":
-        model = ctx.model
-        model.encode(queries[:1], batch_size=bs, image_resize=SCAR_RESIZE, show_progress_bar=False)  # warm-up
-        for name in ("per-row", "ours"):
-            gc.collect()
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(ctx.device)
-            base = torch.cuda.memory_allocated(ctx.device)
-            t = timed(lambda name=name: model.encode(queries, batch_size=bs, image_resize=SCAR_RESIZE,
-                                                     show_progress_bar=False, **path_options(name == "ours")),
-                      ctx.device)
-            peak = torch.cuda.max_memory_allocated(ctx.device)
-            rows.append([name, f"{(peak - base) / MiB:.0f}", f"{peak / MiB:.0f}", f"{base / MiB:.0f}", f"{t:.2f}"])
-        print_table(["path", "peak above weights MiB", "peak total MiB", "before call MiB", "seconds"], rows)
-        return
-    env = {**os.environ, **MALLOC_ENV}
-    for name in ("per-row", "ours"):
-        cmd = [sys.executable, __file__, "--memory-child", name, "--child-photos", os.pathsep.join(map(str, photos)),
-               "--preset", args.preset, "--dtype", args.dtype, "--threads", str(torch.get_num_threads()),
-               "--batch-size", str(bs), "--k", str(k)]
-        with OtherLoad() as other:
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if done.returncode != 0:
-            raise RuntimeError(f"memory child ({name}) failed with {done.returncode}:\n{done.stderr[-4000:]}")
-        res = json.loads(done.stdout.strip().splitlines()[-1])
-        rows.append([name, f"{res['peak_MiB']:.0f}", f"{res['base_MiB']:.0f}", f"{res['time_s']:.2f}",
-                     f"{other.cores:.2f}"])
-    print_table(["path", "peak RSS above base MiB", "base RSS MiB", "seconds", "other load"], rows)
+    for name in compared_paths(args):
+        if cuda:
+            peak, base, seconds, other = cuda_peak(ctx, name, queries)
+        else:
+            peak, base, seconds, other = rss_peak(ctx, name, photos, k, bs)
+        ctx.add("memory", f"{name}: peak above the model", peak, "MiB")
+        rows.append([name, f"{peak:.0f}", f"{base:.0f}", f"{seconds:.2f}", f"{other:.2f}"])
+    print(f"[load average {load_average()}]")
+    print_table(["path", "peak above model MiB", "model (base) MiB", "seconds", "other load"], rows)
+
+
+def cuda_peak(ctx: Context, name: str, queries: list[dict]) -> tuple[float, float, float, float]:
+    call = query_call(name, ctx.model, ctx.batch_size(8), ctx.args.official_batch_size)
+    call(queries[:1], SCAR_RESIZE)  # warm-up
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(ctx.device)
+    base = torch.cuda.memory_allocated(ctx.device)
+    seconds = timed(lambda: call(queries, SCAR_RESIZE), ctx.device)
+    return (torch.cuda.max_memory_allocated(ctx.device) - base) / MiB, base / MiB, seconds, 0.0
+
+
+def rss_peak(ctx: Context, name: str, photos: list[Path], k: int, bs: int) -> tuple[float, float, float, float]:
+    args = ctx.args
+    cmd = [sys.executable, __file__, "--memory-child", name, "--child-photos", os.pathsep.join(map(str, photos)),
+           "--preset", args.preset, "--dtype", args.dtype, "--threads", str(torch.get_num_threads()),
+           "--batch-size", str(bs), "--official-batch-size", str(args.official_batch_size), "--k", str(k)]
+    with OtherLoad() as other:
+        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV})
+    if done.returncode != 0:
+        raise RuntimeError(f"memory child ({name}) failed with {done.returncode}:\n{done.stderr[-4000:]}")
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    return res["peak_MiB"], res["base_MiB"], res["time_s"], other.cores
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -793,9 +561,9 @@ def section_compile(ctx: Context) -> None:
         for name in rotated(list(times), r):
             times[name].append(run(models[name]))
     med = {name: statistics.median(v) for name, v in times.items()}
-    print(f"first compiled call {first:.1f} s (cold compilation, fresh inductor cache, included: "
-          f"{first - med['compiled']:.1f} s more than the compiled steady state), second call {second:.2f} s "
-          f"[{ctx.label}]")
+    ctx.add("compile", "compiled / eager, seconds per batch", med["compiled"] / med["eager"], "x", baseline="eager")
+    print(f"first compiled call {first:.1f} s (cold compilation included), second call {second:.2f} s "
+          f"[{ctx.label}; load average {load_average()}]")
     print_table(["towers", "s per call", "s per batch", "vs eager"],
                 [[name, f"{t:.3f}", f"{t / batches:.3f}", f"{t / med['eager']:.2f}"] for name, t in med.items()])
     torch._dynamo.reset()
@@ -810,6 +578,29 @@ SECTIONS: dict[str, Callable[[Context], None]] = {
 }
 
 
+def print_mfu(ctx: Context, peak: PeakMeter) -> None:
+    """MFU of every compared path against the higher of the two measured peaks (and the datasheet's on CUDA)."""
+    if not ctx.flop_rates:
+        return
+    best, sheet = peak.best, peak.datasheet
+    rows = []
+    for title, name, total, llm, vit in ctx.flop_rates:
+        row = [title, name, f"{total:.3g}"]
+        for rate in (total, llm, vit):
+            row.append("n/a" if not best or not rate else f"{100 * rate / best:.1f}%")
+        if sheet:
+            row.append(f"{100 * llm / sheet:.1f}%" if llm else "n/a")
+        rows.append(row)
+        if best:
+            for part, rate in (("model", total), ("LLM", llm), ("ViT", vit)):
+                if rate:
+                    ctx.add("mfu", f"{title}: {name} {part} MFU", 100 * rate / best, "% of measured peak",
+                            baseline="measured matmul peak")
+    print(f"\nMFU [{ctx.label}; load average {load_average()}]: {peak.note()}")
+    header = ["workload", "path", "TFLOP/s", "MFU", "LLM MFU", "ViT MFU"] + (["LLM MFU (datasheet)"] if sheet else [])
+    print_table(header, rows)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", choices=list(SECTIONS), default=None, help="run one section")
@@ -821,14 +612,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    "torch's default on CUDA)")
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats of every timed configuration")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="rows per forward (default: 2 for pipeline and compile, 8 otherwise)")
+                   help="rows per forward of encode (default: 2 for pipeline and compile, 8 otherwise)")
+    p.add_argument("--official-batch-size", type=int, default=OFFICIAL_BATCH_SIZE,
+                   help="rows per batch of the official-like path (the official eval's 16)")
     p.add_argument("--photos", type=int, default=None,
                    help="photos of pipeline (default 16), compile (8) and of scar/memory (CPU 4, GPU 16)")
     p.add_argument("--queries", type=int, default=None, help="MMEB-like queries (CPU 16, GPU 256)")
     p.add_argument("--candidates", type=int, default=1000, help="MMEB-like shared candidates")
     p.add_argument("--k", type=int, nargs="+", default=[1, 3], help="box prompts per photo (scar; memory uses "
                    "the largest)")
-    p.add_argument("--memory-child", choices=["ours", "per-row"], help=argparse.SUPPRESS)
+    p.add_argument("--official-without-head", action="store_true",
+                   help="also run the official-like path without its LM head (see the module docstring)")
+    p.add_argument("--json", help="also write every figure (with its load average and baseline) to this file")
+    p.add_argument("--memory-child", choices=[*PATHS, OFFICIAL_NO_HEAD], help=argparse.SUPPRESS)
     p.add_argument("--child-photos", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads is None and args.device == "cpu":
@@ -838,17 +634,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_sections(names: Sequence[str], ctx: Context) -> Iterator[str]:
-    for name in names:
-        start = time.perf_counter()
-        SECTIONS[name](ctx)
-        yield f"{name} {time.perf_counter() - start:.0f} s"
-
-
-def main() -> None:
-    args = parse_args()
-    if args.memory_child:
-        return memory_child(args)
+def run(args: argparse.Namespace) -> Figures:
+    """Every asked section, between the two peak measurements; returns the figures."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -860,15 +647,37 @@ def main() -> None:
         names = ["scar", "mmeb", "memory"] if device.type == "cuda" else ["pipeline", "scar", "mmeb", "memory"]
         if args.compile:
             names.append("compile")
-    print(environment(args, device), flush=True)
+    dtype = getattr(torch, args.dtype)
+    print(environment(device) + f"\npreset {args.preset}, dtype {args.dtype}", flush=True)
     start = time.perf_counter()
+    peak = PeakMeter(device, dtype)
     with tempfile.TemporaryDirectory(prefix="virtue-throughput-") as tmp:
-        ctx = Context(args, device, getattr(torch, args.dtype), Path(tmp))
+        ctx = Context(args, device, dtype, Path(tmp))
         if names != ["memory"] or device.type == "cuda":  # the CPU memory section builds its own, in children
-            ctx.model  # noqa: B018 (built, and described, before the first section)
-        spent = list(run_sections(names, ctx))
+            ctx.model  # noqa: B018 (built, and described, before the first timing)
+        peak.measure_before()
+        spent = []
+        for name in names:
+            began = time.perf_counter()
+            SECTIONS[name](ctx)
+            spent.append(f"{name} {time.perf_counter() - began:.0f} s")
+        peak.measure_after()
+    print_mfu(ctx, peak)
+    ctx.figures.notes.update({"environment": environment(device), "peak": peak.note(), "preset": args.preset,
+                              "dtype": args.dtype})
     print(f"\ntotal {time.perf_counter() - start:.0f} s ({', '.join(spent)}) [{device_label(device)}]; load average "
-          f"now {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+          f"now {load_average()}")
+    return ctx.figures
+
+
+def main() -> None:
+    args = parse_args()
+    if args.memory_child:
+        return memory_child(args)
+    figures = run(args)
+    if args.json:
+        figures.dump(args.json)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from bench_common import OtherLoad, print_table
+from bench_common import OtherLoad, load_average, print_table, rotated
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,7 +193,7 @@ def throughput(args: argparse.Namespace, root: Path) -> None:
     variants = [Variant("scar parquet", scar, w) for w in args.workers]
     variants.append(Variant("synthetic (memory)", synthetic, 0))
     for repeat in range(args.repeats):
-        for v in variants:
+        for v in rotated(variants, repeat):  # no configuration always runs first
             result = run_variant(root / "runs", args, v, repeat)
             v.runs.append(result)
             print(f"  repeat {repeat + 1}/{args.repeats}  {v.label:<18} num_workers={v.num_workers}  "
@@ -209,8 +209,8 @@ def throughput(args: argparse.Namespace, root: Path) -> None:
                       f"{statistics.median(r['compute_s'] for r in v.runs):.3f}",
                       f"{statistics.median(sps) / base:.2f}",
                       f"{statistics.median(r['other_cores'] for r in v.runs):.2f}"])
-    print(f"\nMedians over {args.repeats} repeat(s); ratio = samples/s over scar parquet with "
-          f"num_workers={variants[0].num_workers}:")
+    print(f"\nMedians over {args.repeats} repeat(s) [load average {load_average()}]; ratio = samples/s over scar "
+          f"parquet with num_workers={variants[0].num_workers}:")
     print_table(["source", "num_workers", "samples/s", "per repeat", "data wait s/step", "compute s/step",
                  "ratio", "other load"], table)
     print("compute s/step = step time minus data wait (GradCache forward x2, backward, optimiser); with workers on "
@@ -385,7 +385,7 @@ def memory(args: argparse.Namespace, root: Path) -> None:
     results: dict[bool, list[dict]] = {False: [], True: []}
     env = {**os.environ, **MALLOC_ENV}
     for repeat in range(repeats):
-        for checkpointing in (False, True):
+        for checkpointing in rotated([False, True], repeat):
             cmd = [sys.executable, __file__, "--memory-child", str(int(checkpointing)), "--data", str(data),
                    "--out", str(root / f"mem-{int(checkpointing)}-r{repeat}"), "--threads", str(args.threads),
                    "--tokenizer", str(args.tokenizer), "--mem-batch", str(args.mem_batch),
@@ -418,7 +418,7 @@ def memory(args: argparse.Namespace, root: Path) -> None:
                   f"{med(True, 'saved_packed_MiB') / med(False, 'saved_packed_MiB'):.2f}",
                   f"{med(True, 'saved_unique_nonweight_MiB') / med(False, 'saved_unique_nonweight_MiB'):.2f}",
                   "", "", "", ""])
-    print(f"\nMedians over {repeats} repeat(s) (MiB, seconds):")
+    print(f"\nMedians over {repeats} repeat(s) (MiB, seconds) [load average {load_average()}]:")
     print_table(["checkpointing", "step peak RSS +", "step time", "saved (sum)", "saved activations",
                  "saved weights", "layer inputs", "RSS before", "other load"], table)
     first = results[True][0]

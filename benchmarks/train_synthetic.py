@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_common import TOKENIZER, load_average
 
 from virtue import VirtueModel
 from virtue.train.config import TrainConfig
@@ -26,7 +27,6 @@ from virtue.train.synthetic import synthetic_eval_queries
 from virtue.train.trainer import train
 
 REPO = Path(__file__).resolve().parents[1]
-TOKENIZER = REPO.parent / "shared/fixtures/virtue-official-tiny/checkpoint"
 
 
 def run_config(out: Path, args: argparse.Namespace, sam: bool) -> dict:
@@ -68,7 +68,8 @@ def train_and_eval(args: argparse.Namespace, sam: bool) -> dict:
     model = result.model.eval()
     queries = synthetic_eval_queries(args.eval_queries, seed=args.seed)
     return {"sam": sam, "train_s": round(train_s, 1), "steps": result.steps,
-            "final_loss": round(float(np.mean(result.losses[-10:])), 4), "hit@1": hit_at_1(model, queries, sam)}
+            "final_loss": round(float(np.mean(result.losses[-10:])), 4), "hit@1": hit_at_1(model, queries, sam),
+            "load_average": load_average()}
 
 
 def step_memory(args: argparse.Namespace, gradcache: bool) -> float:
@@ -136,7 +137,8 @@ def main() -> None:
     if args.only in (None, "memory"):
         plain, cached = step_memory(args, False), step_memory(args, True)
         print(json.dumps({"global_batch": args.batch, "chunk": args.chunk, "plain_step_MiB": round(plain, 1),
-                          "gradcache_step_MiB": round(cached, 1), "ratio": round(cached / plain, 2)}))
+                          "gradcache_step_MiB": round(cached, 1), "ratio": round(cached / plain, 2),
+                          "load_average": load_average()}))
 
 
 if __name__ == "__main__":

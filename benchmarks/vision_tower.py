@@ -12,18 +12,20 @@ reduced depth (`--depth`, default 1 on the CPU; the time per block is what matte
 
     python benchmarks/vision_tower.py                  # CPU, 1 thread, ~3 minutes
     python benchmarks/vision_tower.py --device cuda --depth 32 --dtype bfloat16 --threads 0
+    python benchmarks/vision_tower.py --workloads thumbnails --repeats 1      # one workload (the smoke test's)
+
+Both paths run once before timing (which also checks they agree), then alternate, the order rotating per repeat.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
-import time
 from collections import defaultdict
 
 import torch
+from bench_common import device_label, load_average, rotated, timed
 
 WORKLOADS = {  # name -> grids (t, h, w) in patches of 14 px
     "8 photos at 448²": [(1, 32, 32)] * 8,
@@ -31,24 +33,14 @@ WORKLOADS = {  # name -> grids (t, h, w) in patches of 14 px
     "64 thumbnails at 56²": [(1, 4, 4)] * 64,
     "mixed: 4 at 448² + 4 at 224²": [(1, 32, 32)] * 4 + [(1, 16, 16)] * 4,
 }
+SHORT = {"photos": "8 photos at 448²", "squash": "2 photos at 980² (the official 1344² squash)",
+         "thumbnails": "64 thumbnails at 56²", "mixed": "mixed: 4 at 448² + 4 at 224²"}
+SHORT_OF = {name: short for short, name in SHORT.items()}
 CATEGORIES = {
     "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention", "bmm", "softmax"),
     "linear": ("addmm", "aten::mm", "aten::linear", "matmul"),
     "patch conv": ("convolution", "conv3d", "mkldnn_convolution"),
 }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "CPU"
 
 
 def build(depth: int, device: torch.device, dtype: torch.dtype):
@@ -76,16 +68,6 @@ def inputs(grids, device, dtype):
     return pixels, grid
 
 
-def timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
-
-
 def breakdown(visual, pixels, grid) -> dict[str, float]:
     from torch.profiler import ProfilerActivity, profile
 
@@ -107,23 +89,27 @@ def main() -> None:
     p.add_argument("--depth", type=int, default=1, help="ViT blocks (full width); 32 is the real depth")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: leave torch's default)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workloads", nargs="+", choices=sorted(SHORT), default=sorted(SHORT),
+                   help="which workloads (default: all)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    print(f"torch {torch.__version__}, {device_name(device)}, {args.dtype}, threads {torch.get_num_threads()}, "
+    print(f"torch {torch.__version__}, {device_label(device)}, {args.dtype}, threads {torch.get_num_threads()}, "
           f"ViT 1280 wide x {args.depth} block(s) (Qwen2-VL-2B/7B width; the real tower has 32)\n")
     looped, batched = build(args.depth, device, dtype)
     rows = []
     for name, grids in WORKLOADS.items():
+        if SHORT_OF[name] not in args.workloads:
+            continue
         pixels, grid = inputs(grids, device, dtype)
         with torch.inference_mode():
             a = looped(pixels, grid_thw=grid).pooler_output  # also a warm-up of both paths
             b = batched(pixels, grid_thw=grid).pooler_output
         diff = (a.float() - b.float()).abs().max().item()
         times: dict[str, list[float]] = {"loop": [], "batched": []}
-        for _ in range(args.repeats):
-            for label, visual in (("loop", looped), ("batched", batched)):
+        for r in range(args.repeats):
+            for label, visual in rotated([("loop", looped), ("batched", batched)], r):
                 with torch.inference_mode():
                     times[label].append(timed(lambda v=visual, x=pixels, g=grid: v(x, grid_thw=g), device))
         parts = breakdown(looped, pixels, grid)
@@ -133,7 +119,7 @@ def main() -> None:
         print(f"{name}: {int((grid[:, 1] * grid[:, 2]).sum())} patches in {len(grids)} image(s)")
         print("  time by kind (transformers' loop): " + ", ".join(
             f"{k} {v / total:.0%}" for k, v in sorted(parts.items(), key=lambda kv: -kv[1])))
-    print(f"\nmedians of {args.repeats} alternating runs on {device_name(device)}:")
+    print(f"\nmedians of {args.repeats} alternating runs on {device_label(device)}; load average {load_average()}:")
     print(f"{'workload':48} {'loop s':>9} {'batched s':>10} {'batched/loop':>13} {'max |diff|':>11}")
     for name, loop, batch, diff in rows:
         print(f"{name:48} {loop:9.3f} {batch:10.3f} {batch / loop:13.2f} {diff:11.1e}")

@@ -1,17 +1,39 @@
-"""Shared fixtures: the official-parity fixture directory and models loaded from it once per run."""
+"""Shared fixtures: the official-parity fixture directory and models loaded from it once per run; `require`, the
+one way a test may depend on an optional package."""
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = Path(os.environ.get("VIRTUE_PARITY_FIXTURE", REPO.parent / "shared/fixtures/virtue-official-tiny"))
 MINI_SCAR = REPO.parent / "shared/data/mini-scar"
+
+
+def in_ci() -> bool:
+    """CI runners set CI=true (GitHub, GitLab; `.ci/run` exports it too); unset, empty, 0, false, no, off: not CI."""
+    return os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no", "off"}
+
+
+def require(module: str, reason: str | None = None) -> ModuleType:
+    """Import an optional package a test needs. Outside CI a missing one skips the test (module-level use: the
+    file) with `reason`; under CI it fails, because a CI without the extra would otherwise pass by not running
+    the test. tests/test_ci_policy.py allows `pytest.importorskip` here only."""
+    if not in_ci():
+        return pytest.importorskip(module, reason=reason)
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # absent, or present but broken: either way the test cannot run
+        why = f" ({reason})" if reason else ""
+        pytest.fail(f"CI is set, so the optional package {module} is required{why}: {exc!r}; install the "
+                    "test extra: pip install -e \".[test]\"", pytrace=False)
 
 
 def fixture_cases() -> list[dict]:

@@ -9,7 +9,6 @@ import json
 import logging
 import shutil
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -139,7 +138,13 @@ def test_text_past_the_limit(tiny_model):
 # --- process-wide state -----------------------------------------------------------------------------------------
 
 
+WAIT_S = 30  # a generous bound on each handshake, so that a broken scope fails the test instead of hanging it
+
+
 def test_tf32_scope_is_shared_by_overlapping_calls():
+    """Two threads share the process-wide flag. Nested (the second call leaves first) and overlapping without
+    nesting (A enters, B enters, A leaves while B still runs): a scope that saves the flag on entry and restores it
+    on exit turns TF32 back on under B in the second case, and leaves it off once both are gone."""
     before = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = True
     seen, started, release = [], threading.Event(), threading.Event()
@@ -147,26 +152,51 @@ def test_tf32_scope_is_shared_by_overlapping_calls():
     def first():
         with cudnn_tf32_off():
             started.set()
-            release.wait()
+            release.wait(WAIT_S)
             seen.append(("first", torch.backends.cudnn.allow_tf32))
 
     def second():
-        started.wait()
+        started.wait(WAIT_S)
         with cudnn_tf32_off():
             seen.append(("second-in", torch.backends.cudnn.allow_tf32))
         release.set()  # the first call is still inside: the flag must stay off for it
-        time.sleep(0.05)
 
-    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    # Overlapping, not nested: each step waits on the previous one's event, so the order is fixed.
+    overlap, a_in, b_in, a_out = [], threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with cudnn_tf32_off():
+            a_in.set()
+            overlap.append(("a waited for b", b_in.wait(WAIT_S)))
+        a_out.set()
+
+    def b():
+        overlap.append(("b waited for a", a_in.wait(WAIT_S)))
+        with cudnn_tf32_off():
+            b_in.set()
+            overlap.append(("b waited for a to leave", a_out.wait(WAIT_S)))
+            overlap.append(("b after a left", torch.backends.cudnn.allow_tf32))
+
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        run_threads(first, second)
         assert seen == [("second-in", False), ("first", False)]
         assert torch.backends.cudnn.allow_tf32 is True  # restored once the last call left
+
+        run_threads(a, b)
+        assert overlap == [("b waited for a", True), ("a waited for b", True), ("b waited for a to leave", True),
+                           ("b after a left", False)]
+        assert torch.backends.cudnn.allow_tf32 is True  # restored once the last call (b) left
     finally:
         torch.backends.cudnn.allow_tf32 = before
+
+
+def run_threads(*targets) -> None:
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(2 * WAIT_S)
+    assert not any(t.is_alive() for t in threads), "a thread is stuck"
 
 
 def test_building_in_bfloat16_leaves_the_default_dtype_alone(tokenizer):

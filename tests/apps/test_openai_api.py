@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import copy
+import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ import pytest
 import virtue.model.embedder as embedder_module
 from tests.apps.test_server import ATOL, WrappedModel, b64, client, decoded, png_bytes, running
 from virtue.apps.server import ServeConfig, create_app
+from virtue.processing.text import IMAGE_TOKEN, with_image_token
 
 NAME = "local/tiny-virtue"  # a hub-style name, as `--model` gives by default
 INSTRUCTION = "Find the caption that best describes the segmented object."
@@ -95,6 +97,43 @@ def llm_tokens(monkeypatch):
     return tokens_of
 
 
+# Qwen2-VL's image sizing, virtue-spec §2.1: sides in multiples of 28 (14 px patches, 2x2 merge), between 4 and
+# 1280 visual tokens' worth of pixels, an image with a side under 28 px first resized to 56 x 56.
+FACTOR, MIN_PIXELS, MAX_PIXELS = 28, 28 * 28 * 4, 28 * 28 * 1280
+
+
+def visual_tokens(width: int, height: int) -> int:
+    """The merged visual tokens of an image (spec §2.1's smart_resize, written out here, not the package's)."""
+    if min(width, height) < FACTOR:
+        width = height = 56
+    h, w = round(height / FACTOR) * FACTOR, round(width / FACTOR) * FACTOR
+    if h * w > MAX_PIXELS:
+        beta = math.sqrt(height * width / MAX_PIXELS)
+        h = max(FACTOR, math.floor(height / beta / FACTOR) * FACTOR)
+        w = max(FACTOR, math.floor(width / beta / FACTOR) * FACTOR)
+    elif h * w < MIN_PIXELS:
+        beta = math.sqrt(MIN_PIXELS / (height * width))
+        h, w = math.ceil(height * beta / FACTOR) * FACTOR, math.ceil(width * beta / FACTOR) * FACTOR
+    return h * w // FACTOR**2
+
+
+def expected_usage(model, inputs: list) -> int:
+    """Usage counted without the processor: the tokenizer's tokens of each input's text as the model formats it
+    (`with_image_token`: the placeholder, and the default text of an image without one), the one placeholder
+    replaced by the image's visual tokens, plus the SAM2 branch's segmentation tokens for an image input."""
+    tokenizer = model.processor.tokenizer
+    placeholder = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    total = 0
+    for item in inputs:
+        text, image = (item, None) if isinstance(item, str) else (item.get("text"), item.get("image"))
+        ids = tokenizer(with_image_token(text, image is not None, "expected"))["input_ids"]
+        total += len(ids)
+        if image is not None:
+            assert ids.count(placeholder) == 1  # the formatted text holds the placeholder once, as one token
+            total += visual_tokens(*image.size) - 1 + model.config.sam.num_tokens
+    return total
+
+
 # --------------------------------------------------------------------------------------------------- tests
 def test_openai_client_gets_the_embeddings_of_encode(tiny_model, fixture_images, llm_tokens):
     png = fixture_images["rocket.png"].read_bytes()  # 240 x 160
@@ -109,6 +148,11 @@ def test_openai_client_gets_the_embeddings_of_encode(tiny_model, fixture_images,
     tokens_single = llm_tokens(tiny_model, ["hello"])
     tokenizer = tiny_model.processor.tokenizer
     assert tokens_texts == sum(len(tokenizer(t)["input_ids"]) for t in texts)
+    # What the language model read (recorded above) is the count made without the processor. The images:
+    # 240 x 160 -> 252 x 168 -> 54 visual tokens; 60 x 40 -> 84 x 56 (raised to 4 tokens' pixels) -> 6.
+    assert (visual_tokens(240, 160), visual_tokens(60, 40)) == (54, 6)
+    counted = [expected_usage(tiny_model, inputs) for inputs in (texts, ["hello"], mixed)]
+    assert [tokens_texts, tokens_single, tokens_mixed] == counted
     mixed_json = [{"image": data_url(png), "box": [20, 10, 200, 150], "text": INSTRUCTION}, "a rocket",
                   {"image": data_url(small), "points": [[30, 20]], "labels": [1]}]
 
@@ -272,6 +316,8 @@ def test_each_input_is_tokenised_once(tiny_model, fixture_images, llm_tokens, mo
     region = {"image": decoded(png), "box": [20, 10, 200, 150], "text": INSTRUCTION}
     expected = tiny_model.encode([*texts, region])
     tokens = llm_tokens(tiny_model, [*texts, region])
+    counted = expected_usage(tiny_model, [*texts, region])
+    assert tokens == counted
     items = [*texts, {"image": data_url(png), "box": [20, 10, 200, 150], "text": INSTRUCTION}]
     calls: list = []
     monkeypatch.setattr(tiny_model.processor, "tokenizer", CountingTokenizer(tiny_model.processor.tokenizer, calls))

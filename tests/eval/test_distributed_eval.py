@@ -15,6 +15,9 @@ import pytest
 
 from tests.conftest import MINI_SCAR
 from virtue.cli.main import main
+from virtue.eval.datasets import load_scar_eval
+
+LIMIT = 10  # SCaR rows evaluated
 
 
 def free_port() -> int:
@@ -53,10 +56,36 @@ def scar_and_model(tiny_model, tmp_path):
 def setup(scar_and_model):
     root, model_dir = scar_and_model
     return ["--model", str(model_dir), "--no-hub", "--device", "cpu", "--data-root", str(root), "--image-root",
-            str(MINI_SCAR), "--limit", "10", "--batch-size", "4", "--baselines", "text_only", "random", "consensus"]
+            str(MINI_SCAR), "--limit", str(LIMIT), "--batch-size", "4", "--baselines", "text_only", "random",
+            "consensus"]
 
 
-def test_two_processes_write_what_one_writes(setup, tmp_path):
+def input_identity(item) -> tuple:
+    """What makes two dataset inputs the same cache entry here: text, image path and prompt."""
+    prompt = None if item.prompt is None else (repr(item.prompt.points), repr(item.prompt.box), repr(item.prompt.mask))
+    return item.text, None if item.image is None else str(item.image), prompt
+
+
+def planned_shares(data_root: Path, variants: list[str], world: int = 2) -> list[int]:
+    """How many inputs each rank should encode, by `Ranks.share`'s documented rule (rank r of w takes the
+    contiguous items n*r//w .. n*(r+1)//w - 1 of each call, so the ranks differ by at most one), applied to every
+    embedding call of the run: the task's unique inputs for each query variant in turn (the protocol's, then each
+    model baseline's), less those an earlier call already put in the cache (rank 0 stores each call's vectors)."""
+    cached: set = set()
+    shares = [0] * world
+    for variant in variants:
+        task = load_scar_eval(data_root / "SCaR_eval_RefCOCOg.parquet", MINI_SCAR, task="RefCOCOg",
+                              variant=variant, limit=LIMIT)
+        keys = [input_identity(x) for x in task.table.inputs]
+        assert len(set(keys)) == len(keys)  # a task's table holds each input once
+        n = len(keys)
+        for rank in range(world):
+            shares[rank] += sum(key not in cached for key in keys[n * rank // world : n * (rank + 1) // world])
+        cached.update(keys)
+    return shares
+
+
+def test_two_processes_write_what_one_writes(setup, scar_and_model, tmp_path):
     assert main(["eval", *setup, "--cache-dir", str(tmp_path / "cache1"), "--out", str(tmp_path / "one")]) == 0
     torchrun_eval([*setup, "--cache-dir", str(tmp_path / "cache2"), "--out", str(tmp_path / "two")])
     one, two = results(tmp_path / "one"), results(tmp_path / "two")
@@ -68,6 +97,8 @@ def test_two_processes_write_what_one_writes(setup, tmp_path):
     shares = [timings_two["encoded_inputs_rank0"], timings_two["encoded_inputs_rank1"]]
     assert timings_two["processes"] == 2 and min(shares) > 0
     assert sum(shares) == timings_two["encoded_inputs"] == timings_one["encoded_inputs"]
+    # and exactly the planned split: the "box" protocol's inputs, then the text_only baseline's new ones
+    assert shares == planned_shares(scar_and_model[0], ["box", "text_only"]), "the ranks' shares are not as planned"
 
     # rank 0 wrote every rank's vectors to the shared cache: a second run encodes nothing
     torchrun_eval([*setup, "--cache-dir", str(tmp_path / "cache2"), "--out", str(tmp_path / "again")])

@@ -12,8 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-mteb = pytest.importorskip("mteb")
-datasets = pytest.importorskip("datasets")
+from tests.conftest import require
+
+mteb = require("mteb", "the mteb integration: pip install -e '.[mteb]'")
+datasets = require("datasets", "mteb's datasets: pip install datasets")
 
 from mteb._create_dataloaders import create_dataloader  # noqa: E402
 from mteb.abstasks.retrieval import AbsTaskRetrieval  # noqa: E402

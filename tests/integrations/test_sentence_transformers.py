@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from tests.conftest import FIXTURE
+from tests.conftest import FIXTURE, require
 from virtue import EmbedInput, InputError, PromptError, VirtueModel, mmeb_query_text, scar_query_text
 from virtue.checkpoints.st_files import MODULE_TYPE
 from virtue.errors import ConfigError
@@ -24,7 +24,7 @@ from virtue.integrations.sentence_transformers import PROMPTS, VirtueModule, app
 from virtue.processing.text import SCAR_INSTRUCTION
 from virtue.prompts import Box, Points, VisualPrompt
 
-st = pytest.importorskip("sentence_transformers")
+st = require("sentence_transformers", "the sentence-transformers integration: pip install -e '.[st]'")
 SentenceTransformer = st.SentenceTransformer
 
 ATOL = 1e-5

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import require
 from tests.search.helpers import region_lines, stored, write_regions
 from virtue.search import RayOptions, index_directory
 
@@ -26,7 +27,7 @@ ray.shutdown()
 @pytest.fixture
 def ray_address():
     """A 2-CPU cluster with a 200 MB object store and no dashboard, started for this test and stopped after."""
-    pytest.importorskip("ray.data", reason="the Ray path needs ray[data]: pip install 'ray[data]'")
+    require("ray.data", reason="the Ray path needs ray[data]: pip install 'ray[data]'")
     # Ray 2.60 turns token auth on for a cluster that ray.init starts, but a driver connecting by explicit
     # address only uses it with RAY_AUTH_MODE=token set before ray is imported; this loopback cluster of
     # one test runs without it.

@@ -92,8 +92,16 @@ def test_train_under_torchrun_stopped_and_resumed_equals_one_process(tmp_path):
         assert (tmp_path / "two" / "checkpoint-6" / f"rng-rank{rank}.safetensors").is_file()
 
 
+def dropout_draws(tmp_path: Path, name: str) -> list[list[str]]:
+    """Per rank, the generator-state digest before each dropout draw of a `launch` (see train_worker.py)."""
+    return [json.loads((tmp_path / f"{name}.json.rank{rank}.json").read_text())["dropout_draws"] for rank in (0, 1)]
+
+
 def test_each_process_resumes_its_own_dropout_stream(tmp_path):
-    """Dropout on: the two processes draw different masks; a resumed run continues each one's own stream."""
+    """Dropout on: the two processes draw different masks; a resumed run continues each one's own stream.
+
+    The losses alone cannot tell the two streams apart (ranks sharing one seed still lose the same on resuming),
+    so the workers also record the generator state before every dropout draw of each process."""
     source = {"sources": [{"kind": "synthetic", "n": 24, "seed": 0}]}
     data = run_config(tmp_path / "straight", **source)
     data["trainable"]["lora_dropout"] = 0.3
@@ -102,6 +110,15 @@ def test_each_process_resumes_its_own_dropout_stream(tmp_path):
     first = launch(tmp_path, data, "first", stop=3)
     rest = launch(tmp_path, data, "rest", resume=True)
     np.testing.assert_allclose(first["losses"] + rest["losses"], straight["losses"], rtol=0, atol=1e-6)
+
+    whole, before, after = (dropout_draws(tmp_path, name) for name in ("straight", "first", "rest"))
+    assert all(len(draws) > 0 for draws in whole)
+    # Different streams: not one generator state is shared between the ranks (a common seed makes the first equal).
+    shared = set(whole[0]) & set(whole[1])
+    assert len(shared) == 0, f"the two processes drew {len(shared)} dropout masks from the same generator states"
+    for rank in (0, 1):  # each process's stream, stopped and resumed, is the uninterrupted one draw for draw
+        assert len(before[rank]) > 0 and len(after[rank]) > 0
+        assert before[rank] + after[rank] == whole[rank], f"rank {rank} did not resume its own dropout stream"
 
 
 def test_shares_of_different_modality_finish(tmp_path):

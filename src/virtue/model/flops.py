@@ -2,7 +2,9 @@
 
 * LLM (Qwen2 decoder), per row of S tokens (segmentation tokens included, padding excluded): per layer the
   projections 2·S·(d·q + 2·d·kv + q·d + 3·d·f) and attention 2·2·S²·q, halved when `causal` (the keys a
-  causal kernel needs to visit); q = heads·head_dim, kv = kv_heads·head_dim, f = FFN width. No LM head.
+  causal kernel needs to visit); q = heads·head_dim, kv = kv_heads·head_dim, f = FFN width. The LM head
+  (2·S·d·vocab) is not part of an embedding's forward; it is counted only when asked (`lm_head=True`), for a
+  baseline that computes logits as the official forward does.
 * ViT (Qwen2-VL), per image of N patches: patch embedding 2·N·(3·T·P²)·e, per block 2·N·e²·(4 + 2r) (qkv,
   proj and the r·e-wide MLP; 24·N·e² for r = 4) + 4·N²·e (full attention within the image), the 2x2 merger
   2·(N/4)·(4e·4e + 4e·d).
@@ -30,16 +32,17 @@ class Flops:
     sam_prompt: int = 0
     connector: int = 0
     llm: int = 0
+    lm_head: int = 0
 
     @property
     def total(self) -> int:
-        return self.vision + self.sam_image + self.sam_prompt + self.connector + self.llm
+        return self.vision + self.sam_image + self.sam_prompt + self.connector + self.llm + self.lm_head
 
     def __add__(self, other: Flops) -> Flops:
         return Flops(*(a + b for a, b in zip(self.as_tuple(), other.as_tuple(), strict=True)))
 
     def as_tuple(self) -> tuple[int, ...]:
-        return (self.vision, self.sam_image, self.sam_prompt, self.connector, self.llm)
+        return (self.vision, self.sam_image, self.sam_prompt, self.connector, self.llm, self.lm_head)
 
 
 def llm_flops(config: VirtueConfig, seq_lens: Sequence[int], *, causal: bool = True, attention: bool = True) -> int:
@@ -53,6 +56,12 @@ def llm_flops(config: VirtueConfig, seq_lens: Sequence[int], *, causal: bool = T
         scores = 2 * 2 * s * s * q if attention else 0
         total += layers * (linear * s + (scores // 2 if causal else scores))
     return total
+
+
+def lm_head_flops(config: VirtueConfig, seq_lens: Sequence[int]) -> int:
+    """Logits over the vocabulary at every position of rows of these lengths."""
+    t = config.backbone["text_config"]
+    return sum(2 * s * t["hidden_size"] * t["vocab_size"] for s in seq_lens)
 
 
 def vision_flops(config: VirtueConfig, grids: Sequence[tuple[int, int, int]], *, attention: bool = True) -> int:
@@ -113,6 +122,7 @@ def forward_flops(
     images: Sequence[tuple[int, int, int]] = (),
     image_rows: Sequence[tuple[int, int]] = (),
     text_rows: Sequence[int] = (),
+    lm_head: bool = False,
 ) -> Flops:
     """FLOPs of embedding a set of inputs.
 
@@ -120,6 +130,7 @@ def forward_flops(
     image_rows: (text tokens including the image's visual tokens, SAM sparse prompt tokens) of every image row;
         the row's LLM sequence adds the segmentation tokens when the SAM branch is on.
     text_rows: token counts of the text-only rows.
+    lm_head: also count logits over the vocabulary at every position (what the official forward computes).
     """
     sam_on = config.sam.enabled
     seq = [n + (config.sam.num_tokens if sam_on else 0) for n, _ in image_rows] + list(text_rows)
@@ -130,4 +141,5 @@ def forward_flops(
         sam_prompt=prompt,
         connector=connector_flops(config, len(image_rows)) if sam_on else 0,
         llm=llm_flops(config, seq),
+        lm_head=lm_head_flops(config, seq) if lm_head else 0,
     )
